@@ -8,3 +8,7 @@ line on stderr and exit status 2; everything else is a bug and keeps its traceba
 
 class ConfigError(ValueError):
     """Invalid user input: a config key, a file or a value, named in the message."""
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss or metric became NaN or infinite; the message says which and at what step."""

@@ -1,0 +1,217 @@
+"""The adversarial architecture search: AdversarialNAS's Algorithm 1 on the two supernets.
+
+One `step` is one iteration of the algorithm:
+
+    n_critic times:
+        sample 2m real images and 2m noise vectors
+        beta  <- descend d_loss on the first m  (the discriminator ascends its objective)
+        w_D   <- descend d_loss on the other m
+    sample 2m noise vectors
+    alpha <- descend g_loss on the first m
+    w_G   <- descend g_loss on the other m
+
+Each update differentiates its loss with respect to its own parameter group only
+(torch.autograd.grad), so a weight step never moves alpha or beta, an architecture step never
+moves a network weight, and no stale gradients pile up in the other groups.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from anas.errors import NonFiniteLossError
+from anas.genotypes import Genotype, derive
+from anas.losses import LOSSES
+from anas.networks import (
+    Discriminator,
+    Generator,
+    arch_parameters,
+    arch_tables,
+    init_weights,
+    mixing_weights,
+    weight_parameters,
+)
+
+
+@dataclass
+class SearchSettings:
+    latent_dim: int  # length of the noise vector, split evenly across the generator's 3 cells
+    g_channels: int  # channels of every generator cell
+    d_channels: int  # channels of every discriminator cell
+    img_size: int  # image width and height in pixels, a multiple of 8 from 16 up
+    img_channels: int  # 1 or 3
+    batch_size: int  # m: each update sees m samples, so an iteration draws 2m per phase
+    n_critic: int  # discriminator phases per generator phase
+    iterations: int  # length of the search, used by the temperature schedule
+    loss: str  # a name in anas.losses.LOSSES
+    arch_lr: float  # Adam learning rate of alpha and beta
+    arch_betas: tuple[float, float]
+    arch_weight_decay: float
+    g_lr: float  # Adam learning rate of the generator's weights
+    d_lr: float  # Adam learning rate of the discriminator's weights
+    betas: tuple[float, float]  # Adam betas of both networks' weights
+    gumbel: bool  # mix edges by Gumbel-softmax samples instead of a plain softmax
+    tau_max: float  # Gumbel temperature at the first iteration, annealed linearly ...
+    tau_min: float  # ... to this one at the last
+
+
+class Search:
+    """Both supernets, their four optimizers and the noise generator of one search trial."""
+
+    def __init__(self, settings: SearchSettings, device: torch.device | str, seed: int):
+        self.settings = s = settings
+        self.device = torch.device(device)
+        self.loss = LOSSES.get(s.loss, key="search.loss")
+        # Initialise from the seed without touching the process's global random state.
+        init_rng = torch.Generator().manual_seed(seed)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.G = Generator(s.latent_dim, s.g_channels, s.img_size, s.img_channels)
+            self.D = Discriminator(s.d_channels, s.img_size, s.img_channels)
+        init_weights(self.G, init_rng)
+        init_weights(self.D, init_rng)
+        self.G.to(self.device)
+        self.D.to(self.device)
+        self.noise = torch.Generator(device=self.device).manual_seed(seed)
+        arch = {"lr": s.arch_lr, "betas": tuple(s.arch_betas), "weight_decay": s.arch_weight_decay}
+        self.opt_alpha = torch.optim.Adam(arch_parameters(self.G), **arch)
+        self.opt_beta = torch.optim.Adam(arch_parameters(self.D), **arch)
+        self.opt_G = torch.optim.Adam(weight_parameters(self.G), lr=s.g_lr, betas=tuple(s.betas))
+        self.opt_D = torch.optim.Adam(weight_parameters(self.D), lr=s.d_lr, betas=tuple(s.betas))
+        self.iteration = 0
+
+    # Temperature and mixing weights
+
+    def tau(self) -> float | None:
+        """Gumbel temperature of the current iteration, or None without Gumbel-softmax."""
+        s = self.settings
+        if not s.gumbel:
+            return None
+        progress = min(1.0, self.iteration / max(1, s.iterations - 1))
+        return s.tau_max - (s.tau_max - s.tau_min) * progress
+
+    def _weights(self, net) -> list[dict]:
+        arch = net.alpha if net is self.G else net.beta
+        return mixing_weights(arch, net.network, self.tau(), self.noise)
+
+    def _randn(self, n: int) -> torch.Tensor:
+        return torch.randn(n, self.settings.latent_dim, generator=self.noise, device=self.device)
+
+    def _update(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer, name: str) -> float:
+        value = loss.item()
+        if not math.isfinite(value):
+            raise NonFiniteLossError(f"{name} is {value} at search iteration {self.iteration}")
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        grads = torch.autograd.grad(loss, params)
+        for p, g in zip(params, grads, strict=True):
+            p.grad = g
+        optimizer.step()
+        return value
+
+    # One iteration of the algorithm
+
+    def step(self, stream) -> dict[str, float]:
+        """Run one search iteration; `stream.next(n)` gives n real images in [-1, 1]."""
+        m = self.settings.batch_size
+        G, D = self.G, self.D
+        for _ in range(self.settings.n_critic):
+            real = stream.next(2 * m).to(self.device)  # (2m, C, H, W)
+            with torch.no_grad():
+                fake = G(self._randn(2 * m), self._weights(G))  # (2m, C, H, W)
+
+            # beta: the discriminator's architecture, on the first half.
+            w = self._weights(D)
+            loss = self.loss.d_loss(D(real[:m], w), D(fake[:m], w))
+            d_arch = self._update(loss, self.opt_beta, "discriminator architecture loss")
+
+            # The discriminator's weights, on the other half.
+            w = [{k: v.detach() for k, v in cell.items()} for cell in self._weights(D)]
+            loss = self.loss.d_loss(D(real[m:], w), D(fake[m:], w))
+            d_loss = self._update(loss, self.opt_D, "discriminator loss")
+
+        z = self._randn(2 * m)
+        d_weights = [{k: v.detach() for k, v in cell.items()} for cell in self._weights(D)]
+
+        # alpha: the generator's architecture, on the first half.
+        loss = self.loss.g_loss(D(G(z[:m], self._weights(G)), d_weights))
+        g_arch = self._update(loss, self.opt_alpha, "generator architecture loss")
+
+        # The generator's weights, on the other half.
+        w = [{k: v.detach() for k, v in cell.items()} for cell in self._weights(G)]
+        loss = self.loss.g_loss(D(G(z[m:], w), d_weights))
+        g_loss = self._update(loss, self.opt_G, "generator loss")
+
+        self.iteration += 1
+        metrics = {"d_arch_loss": d_arch, "d_loss": d_loss, "g_arch_loss": g_arch, "g_loss": g_loss}
+        if self.settings.gumbel:
+            metrics["tau"] = self.tau()
+        return metrics
+
+    # What the search has found so far
+
+    def genotypes(self) -> tuple[Genotype, Genotype]:
+        size = self.settings.img_size
+        return (
+            derive("generator", size, arch_tables(self.G.alpha, "generator")),
+            derive("discriminator", size, arch_tables(self.D.beta, "discriminator")),
+        )
+
+    @torch.no_grad()
+    def edge_weights(self) -> dict[str, list[dict[str, list[float]]]]:
+        """Softmax weights per network, cell and edge: {network: [{edge: [p per op]}]}."""
+        result = {}
+        for net, arch in ((self.G, self.G.alpha), (self.D, self.D.beta)):
+            cells = []
+            for cell, weights in zip(net.cells, mixing_weights(arch, net.network), strict=True):
+                rows = cell.rows.items()
+                cells.append({edge: weights[group][row].tolist() for edge, (group, row) in rows})
+            result[net.network] = cells
+        return result
+
+    @torch.no_grad()
+    def entropy(self) -> dict[str, float]:
+        """Mean entropy (nats) of the per-edge softmax of alpha and of beta."""
+        out = {}
+        for name, net, arch in (("alpha", self.G, self.G.alpha), ("beta", self.D, self.D.beta)):
+            total, edges = 0.0, 0
+            for cell in mixing_weights(arch, net.network):
+                for p in cell.values():
+                    total += float(-(p * p.clamp_min(1e-12).log()).sum())
+                    edges += p.shape[0]
+            out[f"{name}_entropy"] = total / edges
+        return out
+
+    @torch.no_grad()
+    def sample(self, n: int, seed: int = 0) -> torch.Tensor:
+        """n images from the supernet generator in eval mode, from a noise generator of their
+        own, so sampling never shifts the search's random stream."""
+        rng = torch.Generator(device=self.device).manual_seed(seed)
+        z = torch.randn(n, self.settings.latent_dim, generator=rng, device=self.device)
+        self.G.eval()
+        try:
+            return self.G(z)
+        finally:
+            self.G.train()
+
+    # Checkpoints hold tensors, numbers and strings only.
+
+    def state_dict(self) -> dict:
+        return {
+            "G": self.G.state_dict(),
+            "D": self.D.state_dict(),
+            "opt_alpha": self.opt_alpha.state_dict(),
+            "opt_beta": self.opt_beta.state_dict(),
+            "opt_G": self.opt_G.state_dict(),
+            "opt_D": self.opt_D.state_dict(),
+            "noise": self.noise.get_state(),
+            "iteration": self.iteration,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.G.load_state_dict(state["G"])
+        self.D.load_state_dict(state["D"])
+        for name in ("opt_alpha", "opt_beta", "opt_G", "opt_D"):
+            getattr(self, name).load_state_dict(state[name])
+        self.noise.set_state(state["noise"])
+        self.iteration = int(state["iteration"])
