@@ -121,8 +121,14 @@ UP_OPS.add(
     "bilinear", OpSpec(lambda ci, co, sn, pre: InterpolateConv(ci, co, "bilinear", sn, pre), True)
 )
 
-DOWN_OPS.add("avg_pool", OpSpec(_same_channels("avg_pool", lambda: nn.AvgPool2d(2)), False))
-DOWN_OPS.add("max_pool", OpSpec(_same_channels("max_pool", lambda: nn.MaxPool2d(2)), False))
+# ceil_mode makes the pools round odd widths up as the stride-2 convolutions do (3 -> 2), so
+# every down operation gives the same shape; img_size 24 reaches the last cell at width 3.
+DOWN_OPS.add(
+    "avg_pool", OpSpec(_same_channels("avg_pool", lambda: nn.AvgPool2d(2, ceil_mode=True)), False)
+)
+DOWN_OPS.add(
+    "max_pool", OpSpec(_same_channels("max_pool", lambda: nn.MaxPool2d(2, ceil_mode=True)), False)
+)
 DOWN_OPS.add("conv_3x3", _conv(3, 1, stride=2))
 DOWN_OPS.add("conv_5x5", _conv(5, 1, stride=2))
 DOWN_OPS.add("dil_conv_3x3", _conv(3, 2, stride=2))
