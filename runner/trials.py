@@ -1,0 +1,290 @@
+"""Ray Tune trial functions: the anas search and retrain loops, reporting through Tune.
+
+Each function runs in a Ray worker. It rebuilds its state from the last Tune checkpoint when
+there is one, reports metrics with `tune.report` at every evaluation (with a checkpoint), and
+logs losses, metrics, sample grids and genotypes to its own MLflow child run. Results that the
+driver needs later (genotypes, parameter counts, the run id) travel in the reported metrics, so
+the hand-off works even when trial folders live on other nodes.
+"""
+
+import json
+import logging
+import math
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from ray import tune
+
+from anas.checkpoint import load_checkpoint, save_checkpoint
+from anas.data import BatchStream, load_images
+from anas.errors import NonFiniteLossError
+from anas.genotypes import genotype_from_dict
+from anas.metrics import Evaluator, save_grid
+from anas.retrain import Retrain, RetrainSettings
+from anas.search import Search, SearchSettings
+from runner.tracking import TrialRun
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "state.pt"
+# The value a trial with a non-finite loss or metric reports as its FID, so that a searcher
+# minimising FID treats it as the worst result; rankings drop such trials by `failure`.
+WORST_FID = 1e9
+
+
+def trial_device(launch: dict) -> torch.device:
+    """CUDA when Ray granted this trial a GPU (it sets CUDA_VISIBLE_DEVICES), else the CPU."""
+    threads = max(1, int(launch["resources"]["cpu"]))
+    torch.set_num_threads(threads)
+    if torch.cuda.is_available() and launch["resources"]["gpu"] > 0:
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def search_settings(launch: dict, sampled: dict) -> SearchSettings:
+    s = {**launch["search"], **sampled}
+    return SearchSettings(
+        latent_dim=launch["model"]["latent_dim"],
+        g_channels=launch["model"]["g_channels"],
+        d_channels=launch["model"]["d_channels"],
+        img_size=launch["data"]["img_size"],
+        img_channels=launch["data"]["channels"],
+        batch_size=s["batch_size"],
+        n_critic=int(s["n_critic"]),
+        iterations=s["iterations"],
+        loss=s["loss"],
+        arch_lr=s["arch_lr"],
+        arch_betas=tuple(s["arch_betas"]),
+        arch_weight_decay=s["arch_weight_decay"],
+        g_lr=s["g_lr"],
+        d_lr=s["d_lr"],
+        betas=tuple(s["betas"]),
+        gumbel=s["gumbel"],
+        tau_max=s["tau_max"],
+        tau_min=s["tau_min"],
+    )
+
+
+def make_evaluator(launch: dict, device) -> Evaluator:
+    m = launch["metrics"]
+    return Evaluator(
+        launch["data"],
+        m["extractor"],
+        launch["data"]["split"],
+        m["n_real"],
+        launch["cache_dir"],
+        device,
+        inception_weights=m["inception_weights"],
+    )
+
+
+def restore_state() -> dict | None:
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as folder:
+        return load_checkpoint(Path(folder) / STATE_FILE)
+
+
+def report(metrics: dict, state: dict) -> None:
+    """Report to Tune with a checkpoint holding `state` (tensors and plain data only)."""
+    with tempfile.TemporaryDirectory() as folder:
+        save_checkpoint(Path(folder) / STATE_FILE, state)
+        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
+
+
+def finite(metrics: dict) -> dict:
+    """The numeric entries of `metrics` that are finite."""
+    return {
+        k: float(v)
+        for k, v in metrics.items()
+        if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+    }
+
+
+def check_finite(metrics: dict, step: int) -> None:
+    for key, value in metrics.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise NonFiniteLossError(f"{key} is {value} at step {step}")
+
+
+def _log_grid(run: TrialRun, images: torch.Tensor, step: int, folder: Path) -> None:
+    path = folder / f"samples_{step:06d}.png"
+    save_grid(images, path, nrow=8)
+    run.log_image(path, "samples", step)
+
+
+def search_trial(config: dict, launch: dict, tracking: dict) -> None:
+    """One search trial: a supernet searched from `config["seed"]` with the sampled settings."""
+    started = time.monotonic()
+    seed = int(config["seed"])
+    sampled = {k: v for k, v in config.items() if k != "seed"}
+    device = trial_device(launch)
+    settings = search_settings(launch, sampled)
+    stream = BatchStream(load_images(launch["data"], "train", launch["cache_dir"]), seed, device)
+    search = Search(settings, device, seed)
+    evaluator = make_evaluator(launch, device)
+    history: list = []  # edge weights at every evaluation, for the alpha/beta heatmaps
+    state = restore_state()
+    elapsed = 0.0
+    run_id = None
+    if state is not None:
+        search.load_state_dict(state["search"])
+        stream.load_state_dict(state["stream"])
+        history = json.loads(state["history"])
+        elapsed = float(state["elapsed"])
+        run_id = state["run_id"]
+    context = tune.get_context()
+    run = TrialRun.open(
+        tracking,
+        stage="search",
+        trial_name=context.get_trial_name(),
+        trial_id=context.get_trial_id(),
+        tags={"seed": str(seed)},
+        params={"seed": seed, **sampled},
+        run_id=run_id,
+    )
+    folder = Path(tempfile.mkdtemp(prefix="anas-search-"))
+    s = launch["search"]
+    try:
+        while search.iteration < settings.iterations:
+            losses = search.step(stream)
+            step = search.iteration
+            run.log_metrics(losses, step)
+            if step % s["eval_every"] and step < settings.iterations:
+                continue
+
+            # Evaluation: a cheap FID of the supernet's samples, genotypes, entropies.
+            n = launch["metrics"]["search_n_generated"]
+            scores = evaluator.evaluate(lambda k: search.sample(k, seed), n, metrics=("fid",))
+            check_finite({"fid": scores["fid"]}, step)
+            genotype_g, genotype_d = search.genotypes()
+            metrics = {**losses, **search.entropy(), "fid": scores["fid"], "iteration": step}
+            run.log_metrics(finite(metrics), step)
+            run.log_dict(genotype_g.to_dict(), f"genotypes/generator_{step:06d}.json")
+            run.log_dict(genotype_d.to_dict(), f"genotypes/discriminator_{step:06d}.json")
+            _log_grid(run, search.sample(64, seed), step, folder)
+            history.append({"step": step, "weights": search.edge_weights()})
+            metrics |= {
+                "genotype_generator": json.dumps(genotype_g.to_dict()),
+                "genotype_discriminator": json.dumps(genotype_d.to_dict()),
+                "genotype_hash": genotype_g.hash,
+                "protocol": json.dumps(scores["protocol"]),
+                "mlflow_run_id": run.run_id,
+                "device_seconds": elapsed + time.monotonic() - started,
+                "device": str(device),
+                "done": step >= settings.iterations,
+            }
+            run.set_tags({"genotype_hash": genotype_g.hash})
+            state = {
+                "search": search.state_dict(),
+                "stream": stream.state_dict(),
+                "history": json.dumps(history),
+                "elapsed": elapsed + time.monotonic() - started,
+                "run_id": run.run_id,
+            }
+            report(metrics, state)
+        run.log_dict({"history": history}, "edge_weights.json")
+        run.end("FINISHED")
+    except NonFiniteLossError as error:
+        # A NaN repeats on retry, so the trial ends here, as the worst result.
+        log.warning("search trial %s stopped: %s", context.get_trial_name(), error)
+        run.set_tags({"failure": f"non-finite: {error}"})
+        run.end("FAILED")
+        tune.report({"fid": WORST_FID, "failure": f"non-finite: {error}", "done": True})
+    except BaseException:
+        run.end("FAILED")
+        raise
+
+
+def retrain_trial(config: dict, launch: dict, tracking: dict, candidates: list) -> None:
+    """One retrain trial: candidate `config["candidate"]` trained from scratch with a seed."""
+    started = time.monotonic()
+    seed = int(config["seed"])
+    candidate = candidates[int(config["candidate"])]
+    device = trial_device(launch)
+    genotype_g = genotype_from_dict(candidate["generator"], candidate["source"])
+    if launch["retrain"]["discriminator"] == "autogan" or candidate.get("discriminator") is None:
+        d_spec = "autogan"
+    else:
+        d_spec = genotype_from_dict(candidate["discriminator"], candidate["source"])
+    settings = RetrainSettings.from_config(launch)
+    retrain = Retrain(settings, genotype_g, d_spec, device, seed)
+    stream = BatchStream(load_images(launch["data"], "train", launch["cache_dir"]), seed, device)
+    evaluator = make_evaluator(launch, device)
+    state = restore_state()
+    elapsed, run_id = 0.0, None
+    if state is not None:
+        retrain.load_state_dict(state["retrain"])
+        stream.load_state_dict(state["stream"])
+        elapsed = float(state["elapsed"])
+        run_id = state["run_id"]
+    context = tune.get_context()
+    counts = retrain.parameter_counts()
+    run = TrialRun.open(
+        tracking,
+        stage="retrain",
+        trial_name=context.get_trial_name(),
+        trial_id=context.get_trial_id(),
+        tags={
+            "seed": str(seed),
+            "genotype_hash": genotype_g.hash,
+            "discriminator": d_spec if isinstance(d_spec, str) else d_spec.hash,
+            "source": candidate["label"],
+        },
+        params={"seed": seed, "candidate": candidate["label"], **counts},
+        run_id=run_id,
+    )
+    if state is None:
+        run.log_dict(genotype_g.to_dict(), "genotypes/generator.json")
+        if not isinstance(d_spec, str):
+            run.log_dict(d_spec.to_dict(), "genotypes/discriminator.json")
+    folder = Path(tempfile.mkdtemp(prefix="anas-retrain-"))
+    r = launch["retrain"]
+    try:
+        while not retrain.done:
+            losses = retrain.step(stream)
+            if "g_loss" not in losses:
+                continue  # a discriminator update inside the n_critic cycle
+            step = retrain.g_steps
+            run.log_metrics(losses, step)
+            if step % r["eval_every"] and step < settings.iterations:
+                continue
+
+            # Evaluation of G_ema: FID, IS and KID with the launch's protocol.
+            scores = evaluator.evaluate(
+                lambda k: retrain.sample(k), launch["metrics"]["n_generated"]
+            )
+            check_finite({k: scores[k] for k in ("fid", "is", "kid")}, step)
+            _log_grid(run, retrain.sample(retrain.fixed_noise), step, folder)
+            metrics = {**losses, **finite(scores), "iteration": step}
+            run.log_metrics(finite(metrics), step)
+            metrics |= {
+                "protocol": json.dumps(scores["protocol"]),
+                "mlflow_run_id": run.run_id,
+                "device_seconds": elapsed + time.monotonic() - started,
+                "device": str(device),
+                "generator_parameters": counts["generator"],
+                "done": retrain.done,
+            }
+            state = {
+                "retrain": retrain.state_dict(),
+                "stream": stream.state_dict(),
+                "elapsed": elapsed + time.monotonic() - started,
+                "run_id": run.run_id,
+            }
+            report(metrics, state)
+        final = Path(folder) / "final.pt"
+        save_checkpoint(final, retrain.state_dict())
+        run.log_artifact(final, "checkpoint")
+        run.end("FINISHED")
+    except NonFiniteLossError as error:
+        log.warning("retrain trial %s stopped: %s", context.get_trial_name(), error)
+        run.set_tags({"failure": f"non-finite: {error}"})
+        run.end("FAILED")
+        tune.report({"fid": WORST_FID, "failure": f"non-finite: {error}", "done": True})
+    except BaseException:
+        run.end("FAILED")
+        raise
