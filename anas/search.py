@@ -142,10 +142,10 @@ class Search:
         loss = self.loss.g_loss(D(G(z[m:], w), d_weights))
         g_loss = self._update(loss, self.opt_G, "generator loss")
 
-        self.iteration += 1
         metrics = {"d_arch_loss": d_arch, "d_loss": d_loss, "g_arch_loss": g_arch, "g_loss": g_loss}
         if self.settings.gumbel:
-            metrics["tau"] = self.tau()
+            metrics["tau"] = self.tau()  # the temperature this iteration used
+        self.iteration += 1
         return metrics
 
     # What the search has found so far
