@@ -1,5 +1,8 @@
+import importlib.util
+import json
 import math
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -406,3 +409,16 @@ def test_settings_from_config_missing_key():
     del config["retrain"]["ema_decay"]
     with pytest.raises(ConfigError, match="retrain.ema_decay: missing"):
         RetrainSettings.from_config(config)
+
+
+def test_benchmark_reports_throughput(capsys):
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "retrain_step.py"
+    spec = importlib.util.spec_from_file_location("retrain_step_benchmark", path)
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    arguments = ["--cycles", "1", "--warmup-cycles", "0", "--shape", "digits", "--device", "cpu"]
+    assert benchmark.main(arguments) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["shape"] == "digits"
+    assert result["img_size"] == 16
+    assert result["images_per_second"] > 0
