@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from anas.checkpoint import load_checkpoint, save_checkpoint
+from anas.data import BatchStream, load_images
 from anas.errors import ConfigError, NonFiniteLossError
 from anas.genotypes import genotype_from_dict, load_shipped
 from anas.losses import LOSSES, GANLoss
@@ -129,43 +130,65 @@ def test_step_changes_weights():
     assert any(not torch.equal(a, b) for a, b in zip(d_before, d_after, strict=True))
 
 
-def test_resume_mid_cycle_bit_identical(tmp_path):
-    settings = replace(DIGITS, n_critic=3)
-    total, split = 8, 4  # the split falls after the first discriminator update of a cycle
+def run_and_resume(tmp_path, settings, make_stream, total, split):
+    """Return the uninterrupted run, the run saved after `split` steps and its resumed copy.
 
+    The resumed copy is rebuilt from another seed, loaded and stepped to `total` steps.
+    """
     uninterrupted = make(settings)
-    stream = SeededStream(settings, seed=7)
+    stream = make_stream()
     for _ in range(total):
         uninterrupted.step(stream)
 
     first = make(settings)
-    stream = SeededStream(settings, seed=7)
+    stream = make_stream()
     for _ in range(split):
         first.step(stream)
-    assert first.critic_position == 1
     path = tmp_path / "checkpoint.pt"
     save_checkpoint(path, {"retrain": first.state_dict(), "stream": stream.state_dict()})
 
     # A different seed and a disturbed process RNG: everything must come from the checkpoint.
     torch.manual_seed(1234)
     resumed = make(settings, seed=99)
-    stream = SeededStream(settings, seed=0)
+    stream = make_stream()
+    stream.next(settings.batch_size)
     state = load_checkpoint(path)
     resumed.load_state_dict(state["retrain"])
     stream.load_state_dict(state["stream"])
     for _ in range(total - split):
         resumed.step(stream)
+    return uninterrupted, first, resumed
 
+
+def assert_same_run(resumed, uninterrupted):
     assert_same_state(snapshot(resumed.G), snapshot(uninterrupted.G))
     assert_same_state(snapshot(resumed.D), snapshot(uninterrupted.D))
     assert_same_state(snapshot(resumed.G_ema), snapshot(uninterrupted.G_ema))
     assert resumed.d_steps == uninterrupted.d_steps
     assert resumed.g_steps == uninterrupted.g_steps
     assert resumed.critic_position == uninterrupted.critic_position
-    assert (
-        resumed.g_optimizer.param_groups[0]["lr"] == uninterrupted.g_optimizer.param_groups[0]["lr"]
-    )
+    resumed_lr = resumed.g_optimizer.param_groups[0]["lr"]
+    assert resumed_lr == uninterrupted.g_optimizer.param_groups[0]["lr"]
     assert torch.equal(resumed.fixed_noise, uninterrupted.fixed_noise)
+
+
+def test_resume_mid_cycle_bit_identical(tmp_path):
+    settings = replace(DIGITS, n_critic=3)
+    # Step 4 is the first discriminator update of the second cycle.
+    uninterrupted, first, resumed = run_and_resume(
+        tmp_path, settings, lambda: SeededStream(settings, seed=7), total=8, split=4
+    )
+    assert first.critic_position == 1
+    assert_same_run(resumed, uninterrupted)
+
+
+def test_resume_with_digits_stream(tmp_path):
+    data = {"name": "digits", "root": None, "img_size": 16, "channels": 1}
+    images = load_images(data, "train", tmp_path / "cache")
+    uninterrupted, _, resumed = run_and_resume(
+        tmp_path, DIGITS, lambda: BatchStream(images, seed=5, device="cpu"), total=5, split=3
+    )
+    assert_same_run(resumed, uninterrupted)
 
 
 def test_nan_stream_raises_before_update():
