@@ -9,7 +9,6 @@ The dataclasses hold no defaults because experiments/ is the single table of val
 missing there is an error, never a silent fallback to a value written in code.
 """
 
-import importlib
 import math
 import os
 import re
@@ -30,7 +29,11 @@ from hydra.errors import HydraException, MissingConfigException, OverrideParseEx
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from anas.data import validate_data
 from anas.errors import ConfigError
+from anas.extractors import EXTRACTORS
+from anas.genotypes import SHIPPED
+from anas.losses import LOSSES
 from experiments import CONFIG_DIR
 
 CONFIG_NAME = "config"
@@ -57,11 +60,11 @@ def _spec(expected: str, check: Callable[[Any], bool] | None = None, *, path: bo
 
 
 def _positive(value) -> bool:
-    return value > 0
+    return math.isfinite(value) and value > 0
 
 
 def _at_least(minimum: float) -> Callable[[Any], bool]:
-    return lambda value: value >= minimum
+    return lambda value: math.isfinite(value) and value >= minimum
 
 
 def _unit_interval(value) -> bool:
@@ -102,7 +105,7 @@ BOOL = "true or false"
 @dataclass
 class DataSchema:
     name: str = _spec("a dataset name", _non_empty)
-    root: str = _spec("a directory path", _non_empty, path=True)
+    root: str | None = _spec("a file or folder path, or null", _non_empty, path=True)
     img_size: int = _spec("a multiple of 8 that is at least 16", _image_size)
     channels: int = _spec("1 or 3", lambda value: value in (1, 3))
     split: str = _spec("a split name", _non_empty)
@@ -148,7 +151,7 @@ class RetrainSchema:
     top_k: int = _spec(POSITIVE_INT, _positive)
     seeds: list[int] = _spec(SEEDS, _seeds)
     baselines: list[str] = _spec("a list of shipped genotype names")
-    genotypes: list[str] = _spec("a list of genotype JSON paths", path=True)
+    genotypes: list[str] = _spec("a list of genotype files or launch folders", path=True)
     discriminator: str = _spec(" or ".join(DISCRIMINATORS), lambda value: value in DISCRIMINATORS)
     g_channels: int = _spec(POSITIVE_INT, _positive)
     d_channels: int = _spec(POSITIVE_INT, _positive)
@@ -541,43 +544,32 @@ def _check_space_entry(name: str, entry: Any) -> None:
         )
 
 
-def _registry(module: str, attribute: str):
-    """Return a registry of anas/, or None while its module is not part of the package."""
-    try:
-        imported = importlib.import_module(module)
-    except ModuleNotFoundError as error:
-        if error.name != module:
-            raise
-        # NOTE: names of a family whose module is absent go unchecked here, so an unknown name
-        # fails later, when the stage that uses it looks it up.
-        return None
-    return getattr(imported, attribute, None)
-
-
 def _check_registry_names(cfg: dict) -> None:
-    checks = [
-        ("anas.data", "DATASETS", "data.name", [cfg["data"]["name"]]),
-        ("anas.losses", "LOSSES", "search.loss", [cfg["search"]["loss"]]),
-        ("anas.losses", "LOSSES", "retrain.loss", [cfg["retrain"]["loss"]]),
-        ("anas.extractors", "EXTRACTORS", "metrics.extractor", [cfg["metrics"]["extractor"]]),
-    ]
-    for module, attribute, key, names in checks:
-        registry = _registry(module, attribute)
-        for name in names if registry is not None else []:
-            registry.get(name, key=key)
-    genotypes = importlib.import_module("anas.genotypes")
+    """Look up every name that a registry of anas/ must contain, and the dataset's split."""
+    spec = validate_data(cfg["data"])
+    if cfg["data"]["split"] not in spec.splits:
+        raise ConfigError(
+            f"data.split: dataset {cfg['data']['name']!r} has no split {cfg['data']['split']!r}; "
+            f"expected one of {', '.join(spec.splits)}"
+        )
+    LOSSES.get(cfg["search"]["loss"], key="search.loss")
+    LOSSES.get(cfg["retrain"]["loss"], key="retrain.loss")
+    EXTRACTORS.get(cfg["metrics"]["extractor"], key="metrics.extractor")
     for index, name in enumerate(cfg["retrain"]["baselines"]):
-        if name not in genotypes.SHIPPED:
+        if name not in SHIPPED:
             raise ConfigError(
                 f"retrain.baselines[{index}]: unknown shipped genotype {name!r}; "
-                f"expected one of {', '.join(sorted(genotypes.SHIPPED))}"
+                f"expected one of {', '.join(sorted(SHIPPED))}"
             )
 
 
 def _check_genotype_files(paths: list[str]) -> None:
     for index, path in enumerate(paths):
-        if not Path(path).is_file():
-            raise ConfigError(f"retrain.genotypes[{index}]: file not found: {path}")
+        if not Path(path).exists():
+            raise ConfigError(
+                f"retrain.genotypes[{index}]: {path} not found; give a generator genotype JSON "
+                "file or the output_dir of an earlier launch"
+            )
 
 
 def _check_inception_weights(path: str | None) -> None:
