@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
+from anas import fused
 from anas.errors import ConfigError
 from anas.genotypes import Genotype
 from anas.ops import build_op
@@ -87,9 +88,42 @@ class Cell(nn.Module):
             elif genotype_cell[edge.name] != "none":
                 op = genotype_cell[edge.name]
                 self.edges[edge.name] = build_op(edge.family, op, edge_in, c_out, sn, preact)
+        # Supernet edges leaving each source, merged into few kernels by anas.fused unless
+        # `fused` is switched off (the straightforward formulation, kept as the reference).
+        self.fused = genotype_cell is None
+        self.out_edges: dict[str, list] = {}
+        for edge in EDGES[network]:
+            self.out_edges.setdefault(edge.source, []).append(edge)
+        for edges in self.out_edges.values() if self.fused else ():
+            if len({(e.family, tuple(self.edges[e.name].names)) for e in edges}) > 1:
+                self.fused = False  # merging needs one candidate list per source
+
+    def _forward_fused(self, x, weights: CellWeights, extra) -> dict[str, torch.Tensor]:
+        values, outputs = {"x": x}, {}
+
+        def run_edges_from(source: str) -> None:
+            edges = self.out_edges.get(source, [])
+            if not edges:
+                return
+            modules = [self.edges[e.name] for e in edges]
+            rows = [weights[self.rows[e.name][0]][self.rows[e.name][1]] for e in edges]
+            results = fused.edge_outputs(edges[0].family, modules, rows, values[source])
+            outputs.update(zip((e.name for e in edges), results, strict=True))
+
+        run_edges_from("x")
+        for node, edges in self.nodes.items():
+            total = extra.get(node) if extra else None
+            for edge in edges:
+                term = outputs[edge.name]
+                total = term if total is None else total + term
+            values[node] = total
+            run_edges_from(node)
+        return values
 
     def forward(self, x, weights: CellWeights | None = None, extra=None) -> dict[str, torch.Tensor]:
         """Return every node's value; `extra` maps node names to tensors added to that node."""
+        if weights is not None and self.fused:
+            return self._forward_fused(x, weights, extra)
         values = {"x": x}
         for node, edges in self.nodes.items():
             total = extra.get(node) if extra else None
