@@ -1,0 +1,161 @@
+"""Launch the search and retrain stages: `python runner/launch.py [KEY=VALUE ...]`.
+
+Also runnable as `python -m runner.launch` and as the console script `anas-launch`. A launch
+composes and validates the config, checks the MLflow store, starts or joins Ray, fits the
+per-trial resources to the cluster, writes output_dir/config.yaml, opens the MLflow parent run,
+runs both stages and prints the leaderboard to stdout. Progress goes to stderr.
+
+Exit status: 0 on success; 2 on invalid input, with one line `error: <message>` on stderr;
+130 after Ctrl-C or SIGTERM; 1 on anything else, with its traceback.
+"""
+
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):
+    # Run as a script: Python put runner/ on sys.path, but the packages live one level up.
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from anas.errors import ConfigError  # noqa: E402
+from experiments import CONFIG_DIR  # noqa: E402
+from runner.config import compose, save_config  # noqa: E402
+from runner.preflight import check_resources  # noqa: E402
+from runner.tracking import Tracker, check_tracking_store, resolve_tracking_uri  # noqa: E402
+
+log = logging.getLogger("runner.launch")
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+# Libraries that log routine steps at INFO (database migrations, Ray start-up) to the console.
+QUIET_LOGGERS = ("alembic", "mlflow", "ray", "urllib3", "filelock")
+
+
+def usage() -> str:
+    """Return the help text, listing the experiment and budget files that exist."""
+    exps = ", ".join(sorted(p.stem for p in (CONFIG_DIR / "exp").glob("*.yaml")))
+    budgets = ", ".join(sorted(p.stem for p in (CONFIG_DIR / "budget").glob("*.yaml")))
+    return (
+        "usage: python runner/launch.py [exp=NAME] [budget=NAME] [KEY=VALUE ...]\n"
+        "\n"
+        "Search GAN architectures with AdversarialNAS, retrain the best and rank them by FID.\n"
+        "With no arguments: exp=digits budget=smoke, a few minutes on a CPU.\n"
+        "\n"
+        f"  exp=NAME      experiment (dataset and image size): {exps}\n"
+        f"  budget=NAME   sizes (iterations, batches, widths, sample counts): {budgets}\n"
+        "  KEY=VALUE     any key of experiments/config.yaml, e.g. search.seeds=[0,1] "
+        "resources.gpu=0.5\n"
+        "\n"
+        "Results go to output_dir (default outputs/<exp>/<date-time>/) and to MLflow\n"
+        "(default sqlite:///<cwd>/outputs/mlflow.db). The leaderboard is printed to stdout.\n"
+    )
+
+
+def configure_logging() -> None:
+    """Send log records of every library to stderr in one format."""
+    logging.basicConfig(stream=sys.stderr, level=logging.INFO, format=LOG_FORMAT, force=True)
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def _raise_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def start_ray(cfg: dict) -> bool:
+    """Start a local Ray or join `ray.address`; return whether this process must shut it down."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = cfg["ray"]["address"]
+    try:
+        ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING)
+    except (ConnectionError, RuntimeError, ValueError) as error:
+        where = f"at {address!r}" if address else "locally"
+        raise ConfigError(f"ray.address: could not start or join Ray {where}: {error}") from None
+    return True
+
+
+def stop_ray() -> None:
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+def run_stages(cfg: dict, tracker: Tracker) -> str:
+    """Run both stages through runner.stages.run_launch; return the leaderboard text."""
+    from runner import stages
+
+    run_launch = getattr(stages, "run_launch", None)
+    if run_launch is None:
+        # TODO: remove once runner.stages provides run_launch(cfg, tracker) -> str.
+        raise NotImplementedError(
+            "runner.stages.run_launch(cfg, tracker) does not exist yet; the launcher validated "
+            "the config, checked resources and opened tracking, but cannot run the stages"
+        )
+    return run_launch(cfg, tracker)
+
+
+def launch(overrides: list[str]) -> str:
+    """Run one launch end to end and return the leaderboard text (see the module docstring)."""
+    cfg = compose(overrides)
+
+    # Tracking first: an unreachable server fails in seconds, before Ray starts.
+    uri = resolve_tracking_uri(cfg)
+    check_tracking_store(uri, cfg["mlflow"]["request_timeout_s"])
+    # Fluent mlflow calls in this process and in the Ray workers it starts use the same store.
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    # Let Ctrl-C raise KeyboardInterrupt out of Tuner.fit, so the launch ends its runs KILLED;
+    # Ray Tune's own handler would stop the stage and let the launch carry on.
+    os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
+
+    started_ray = start_ray(cfg)
+    try:
+        cfg["resources"].update(check_resources(cfg))
+        config_path = Path(cfg["output_dir"]) / "config.yaml"
+        try:
+            save_config(cfg, config_path)
+        except OSError as error:
+            raise ConfigError(f"output_dir: cannot write {config_path}: {error}") from None
+        log.info(
+            "launch %s/%s: writing to %s", cfg["exp_name"], cfg["budget_name"], cfg["output_dir"]
+        )
+
+        with Tracker.start(cfg) as tracker:
+            tracker.log_artifact(config_path)
+            try:
+                return run_stages(cfg, tracker)
+            finally:
+                # Trials stop writing to their runs before the tracker closes the runs left open.
+                if started_ray:
+                    stop_ray()
+    finally:
+        if started_ray:
+            stop_ray()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the launcher with `argv` (default: the command line) and return its exit status."""
+    overrides = sys.argv[1:] if argv is None else list(argv)
+    if "-h" in overrides or "--help" in overrides:
+        print(usage(), end="")
+        return 0
+    configure_logging()
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        leaderboard = launch(overrides)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    print(leaderboard, end="" if leaderboard.endswith("\n") else "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
