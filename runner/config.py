@@ -34,6 +34,7 @@ from anas.errors import ConfigError
 from anas.extractors import EXTRACTORS
 from anas.genotypes import SHIPPED
 from anas.losses import LOSSES
+from anas.metrics import MetricSettings
 from experiments import CONFIG_DIR
 
 CONFIG_NAME = "config"
@@ -338,6 +339,7 @@ def validate(raw: dict, base_dir: str | Path | None = None) -> dict:
         )
     _check_search(cfg["search"])
     _check_registry_names(cfg)
+    _check_sample_counts(cfg["metrics"])
     _check_genotype_files(cfg["retrain"]["genotypes"])
     _check_inception_weights(cfg["metrics"]["inception_weights"])
     return cfg
@@ -561,6 +563,21 @@ def _check_registry_names(cfg: dict) -> None:
                 f"retrain.baselines[{index}]: unknown shipped genotype {name!r}; "
                 f"expected one of {', '.join(sorted(SHIPPED))}"
             )
+
+
+def _check_sample_counts(metrics: dict) -> None:
+    """Require the sample counts that KID needs: it averages over subsets of a fixed size."""
+    size = MetricSettings().kid_subset_size
+    for key in ("n_generated", "n_real"):
+        if metrics[key] < size:
+            raise ConfigError(
+                f"metrics.{key}: expected at least {size} (the KID subset size), got {metrics[key]}"
+            )
+    if metrics["search_n_generated"] < 2:
+        raise ConfigError(
+            "metrics.search_n_generated: expected at least 2 (FID needs two samples), "
+            f"got {metrics['search_n_generated']}"
+        )
 
 
 def _check_genotype_files(paths: list[str]) -> None:

@@ -275,9 +275,12 @@ def test_invalid_space_names_key(tmp_path, override, start):
         ("retrain.baselines=[autogan]", "retrain.baselines[0]: unknown shipped genotype"),
         ("retrain.genotypes=[missing.json]", "retrain.genotypes[0]: "),
         ("metrics.inception_weights=none.pth", "metrics.inception_weights: file not found"),
+        ("metrics.n_generated=999", "metrics.n_generated: expected at least 1000"),
+        ("metrics.n_real=10", "metrics.n_real: expected at least 1000"),
+        ("metrics.search_n_generated=1", "metrics.search_n_generated: expected at least 2"),
     ],
 )
-def test_registry_names_checked(tmp_path, override, start):
+def test_names_and_counts_checked(tmp_path, override, start):
     if start is None:
         assert compose_in(tmp_path, override)["exp_name"] == "digits"
         return
