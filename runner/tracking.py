@@ -426,6 +426,19 @@ class MlflowRun:
             )
         return dict(self.undelivered)
 
+    def __enter__(self) -> "MlflowRun":
+        return self
+
+    def __exit__(self, kind, error, traceback) -> None:
+        """End the run KILLED after KeyboardInterrupt, FAILED after another exception, else
+        FINISHED, unless the code inside the block ended it already."""
+        if kind is None:
+            self.end("FINISHED")
+        elif issubclass(kind, KeyboardInterrupt):
+            self.end("KILLED")
+        else:
+            self.end("FAILED")
+
 
 class TrialRun(MlflowRun):
     """The child run of one trial, opened inside the Ray worker that runs the trial."""

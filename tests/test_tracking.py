@@ -236,6 +236,20 @@ def test_runs_killed_after_keyboard_interrupt(cfg):
     assert client.get_run(finished.run_id).info.status == "FINISHED"
 
 
+def test_trial_context_maps_interrupt(cfg):
+    with Tracker.start(cfg) as tracker:
+        with pytest.raises(KeyboardInterrupt), open_trial(tracker, "a") as interrupted:
+            raise KeyboardInterrupt
+        with pytest.raises(ValueError), open_trial(tracker, "b") as crashed:
+            raise ValueError("bad batch")
+        with open_trial(tracker, "c") as finished:
+            finished.log_metrics({"fid": 1.0}, 1)
+    client = client_for(tracker)
+    assert client.get_run(interrupted.run_id).info.status == "KILLED"
+    assert client.get_run(crashed.run_id).info.status == "FAILED"
+    assert client.get_run(finished.run_id).info.status == "FINISHED"
+
+
 def test_runs_failed_after_exception(cfg):
     with pytest.raises(RuntimeError), Tracker.start(cfg) as tracker:
         running = open_trial(tracker)
