@@ -18,6 +18,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Ellipse, FancyArrowPatch, FancyBboxPatch
+from matplotlib.ticker import MaxNLocator
 
 from anas.errors import ConfigError
 from anas.genotypes import Genotype
@@ -422,7 +423,7 @@ def draw_curves(
     drawn = {name: points for name, points in series.items() if points}
     if not drawn:
         raise ValueError(f"{title}: no points to draw")
-    figure = Figure(figsize=(7.0, 3.6))
+    figure = Figure(figsize=(6.0, 3.4), layout="constrained")
     FigureCanvasAgg(figure)
     ax = figure.add_subplot()
     for name, points in drawn.items():
@@ -431,10 +432,19 @@ def draw_curves(
         ax.plot(steps, values, label=name, linewidth=1.3, marker=marker, markersize=3)
     ax.set_title(title, fontsize=11)
     ax.set_xlabel("step")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    steps = {step for points in drawn.values() for step, _ in points}
+    if len(steps) == 1:
+        # A single step would get an axis 0.1 wide with fractional ticks.
+        only = steps.pop()
+        ax.set_xlim(only - 1, only + 1)
     if ylabel:
         ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
+    if len(drawn) > 1:
+        # Below the axes, so long run names do not squeeze the plot.
+        columns = 1 if max(map(len, drawn)) > 30 else min(3, len(drawn))
+        figure.legend(loc="outside lower center", ncols=columns, fontsize=8, frameon=False)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110, bbox_inches="tight")
