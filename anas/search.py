@@ -15,10 +15,12 @@ Each update differentiates its loss with respect to its own parameter group only
 moves a network weight, and no stale gradients pile up in the other groups.
 """
 
+import contextlib
 import math
 from dataclasses import dataclass
 
 import torch
+from torch.nn.utils import parametrize
 
 from anas.errors import NonFiniteLossError
 from anas.genotypes import Genotype, derive
@@ -56,10 +58,40 @@ class SearchSettings:
     tau_min: float  # ... to this one at the last
 
 
+def detached(weights: list[dict]) -> list[dict]:
+    return [{k: v.detach() for k, v in cell.items()} for cell in weights]
+
+
+@contextlib.contextmanager
+def spectral_norm_once(net: torch.nn.Module, grad: bool):
+    """Compute every spectrally normalised weight of `net` once for the block, not per forward.
+
+    Each computation runs one power iteration, so this also sets how often the estimate of the
+    largest singular value moves: once per update instead of once per forward pass. With
+    `grad` False the weights are built without a graph, for updates that treat `net`'s weights
+    as constants.
+    """
+    with parametrize.cached():
+        with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
+            for module in net.modules():
+                if parametrize.is_parametrized(module, "weight"):
+                    module.weight  # noqa: B018 (fills the cache)
+        yield
+
+
 class Search:
     """Both supernets, their four optimizers and the noise generator of one search trial."""
 
-    def __init__(self, settings: SearchSettings, device: torch.device | str, seed: int):
+    def __init__(
+        self,
+        settings: SearchSettings,
+        device: torch.device | str,
+        seed: int,
+        fused: bool = True,
+        channels_last: bool = False,
+    ):
+        """`fused` False runs every candidate operation separately (the reference formulation);
+        `channels_last` stores images and kernels as (batch, height, width, channels)."""
         self.settings = s = settings
         self.device = torch.device(device)
         self.loss = LOSSES.get(s.loss, key="search.loss")
@@ -71,14 +103,20 @@ class Search:
             self.D = Discriminator(s.d_channels, s.img_size, s.img_channels)
         init_weights(self.G, init_rng)
         init_weights(self.D, init_rng)
-        self.G.to(self.device)
-        self.D.to(self.device)
+        for cell in [*self.G.cells, *self.D.cells]:
+            cell.fused = cell.fused and fused
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.G.to(self.device, memory_format=self.memory_format)
+        self.D.to(self.device, memory_format=self.memory_format)
         self.noise = torch.Generator(device=self.device).manual_seed(seed)
+        # fused=True: one kernel updates every tensor of the group; the supernet has hundreds of
+        # small tensors, where the per-tensor loop costs more than the arithmetic.
         arch = {"lr": s.arch_lr, "betas": tuple(s.arch_betas), "weight_decay": s.arch_weight_decay}
-        self.opt_alpha = torch.optim.Adam(arch_parameters(self.G), **arch)
-        self.opt_beta = torch.optim.Adam(arch_parameters(self.D), **arch)
-        self.opt_G = torch.optim.Adam(weight_parameters(self.G), lr=s.g_lr, betas=tuple(s.betas))
-        self.opt_D = torch.optim.Adam(weight_parameters(self.D), lr=s.d_lr, betas=tuple(s.betas))
+        adam = {"betas": tuple(s.betas), "fused": True}
+        self.opt_alpha = torch.optim.Adam(arch_parameters(self.G), **arch, fused=True)
+        self.opt_beta = torch.optim.Adam(arch_parameters(self.D), **arch, fused=True)
+        self.opt_G = torch.optim.Adam(weight_parameters(self.G), lr=s.g_lr, **adam)
+        self.opt_D = torch.optim.Adam(weight_parameters(self.D), lr=s.d_lr, **adam)
         self.iteration = 0
 
     # Temperature and mixing weights
@@ -94,6 +132,9 @@ class Search:
     def _weights(self, net) -> list[dict]:
         arch = net.alpha if net is self.G else net.beta
         return mixing_weights(arch, net.network, self.tau(), self.noise)
+
+    def _layout(self, images: torch.Tensor) -> torch.Tensor:
+        return images.contiguous(memory_format=self.memory_format)
 
     def _randn(self, n: int) -> torch.Tensor:
         return torch.randn(n, self.settings.latent_dim, generator=self.noise, device=self.device)
@@ -111,36 +152,46 @@ class Search:
 
     # One iteration of the algorithm
 
+    def _discriminate(self, real, fake, weights):
+        """D on real and fake images in one batch, logits (m,) each.
+
+        D has no batch statistics, so one forward over both halves equals two separate ones.
+        """
+        logits = self.D(torch.cat([real, fake]), weights)  # (2m,)
+        return logits.split([len(real), len(fake)])
+
     def step(self, stream) -> dict[str, float]:
         """Run one search iteration; `stream.next(n)` gives n real images in [-1, 1]."""
         m = self.settings.batch_size
         G, D = self.G, self.D
         for _ in range(self.settings.n_critic):
-            real = stream.next(2 * m).to(self.device)  # (2m, C, H, W)
+            real = self._layout(stream.next(2 * m).to(self.device))  # (2m, C, H, W)
             with torch.no_grad():
                 fake = G(self._randn(2 * m), self._weights(G))  # (2m, C, H, W)
 
-            # beta: the discriminator's architecture, on the first half.
-            w = self._weights(D)
-            loss = self.loss.d_loss(D(real[:m], w), D(fake[:m], w))
+            # beta: the discriminator's architecture, on the first half. D's weights are
+            # constants here, so their spectral normalisation runs once, without a graph.
+            with spectral_norm_once(D, grad=False):
+                loss = self.loss.d_loss(*self._discriminate(real[:m], fake[:m], self._weights(D)))
             d_arch = self._update(loss, self.opt_beta, "discriminator architecture loss")
 
             # The discriminator's weights, on the other half.
-            w = [{k: v.detach() for k, v in cell.items()} for cell in self._weights(D)]
-            loss = self.loss.d_loss(D(real[m:], w), D(fake[m:], w))
+            w = detached(self._weights(D))
+            with spectral_norm_once(D, grad=True):
+                loss = self.loss.d_loss(*self._discriminate(real[m:], fake[m:], w))
             d_loss = self._update(loss, self.opt_D, "discriminator loss")
 
         z = self._randn(2 * m)
-        d_weights = [{k: v.detach() for k, v in cell.items()} for cell in self._weights(D)]
+        d_weights = detached(self._weights(D))
+        # Both generator updates see D as a constant function of its input.
+        with spectral_norm_once(D, grad=False):
+            # alpha: the generator's architecture, on the first half.
+            loss = self.loss.g_loss(D(G(z[:m], self._weights(G)), d_weights))
+            g_arch = self._update(loss, self.opt_alpha, "generator architecture loss")
 
-        # alpha: the generator's architecture, on the first half.
-        loss = self.loss.g_loss(D(G(z[:m], self._weights(G)), d_weights))
-        g_arch = self._update(loss, self.opt_alpha, "generator architecture loss")
-
-        # The generator's weights, on the other half.
-        w = [{k: v.detach() for k, v in cell.items()} for cell in self._weights(G)]
-        loss = self.loss.g_loss(D(G(z[m:], w), d_weights))
-        g_loss = self._update(loss, self.opt_G, "generator loss")
+            # The generator's weights, on the other half.
+            loss = self.loss.g_loss(D(G(z[m:], detached(self._weights(G))), d_weights))
+            g_loss = self._update(loss, self.opt_G, "generator loss")
 
         metrics = {"d_arch_loss": d_arch, "d_loss": d_loss, "g_arch_loss": g_arch, "g_loss": g_loss}
         if self.settings.gumbel:
