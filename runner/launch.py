@@ -148,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         leaderboard = launch(overrides)
     except ConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
+        message = " ".join(line.strip() for line in str(error).splitlines())
+        print(f"error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
