@@ -137,7 +137,13 @@ def _graphviz_source(genotype: Genotype):
     network = genotype.network
     graph = graphviz.Digraph(
         network,
-        graph_attr={"rankdir": "LR", "label": _title(genotype), "labelloc": "t", "fontsize": "16"},
+        graph_attr={
+            "rankdir": "LR",
+            "label": _title(genotype),
+            "labelloc": "t",
+            "fontname": "Helvetica",
+            "fontsize": "16",
+        },
         node_attr={"shape": "ellipse", "fontname": "Helvetica", "fontsize": "11"},
         edge_attr={"fontname": "Helvetica", "fontsize": "10"},
     )
@@ -167,7 +173,7 @@ def _graphviz_source(genotype: Genotype):
             color=SKIP_COLOUR,
             style="dashed",
             constraint="false",
-            id=f"skip-{source}-{target}",
+            id=f"skip_{source}_{target}",
             label="skip",
             fontcolor=SKIP_COLOUR,
         )
@@ -314,7 +320,7 @@ def _matplotlib_cells(genotype: Genotype) -> Figure:
                 linewidth=1.1,
                 alpha=0.8,
                 zorder=1,
-                gid=f"skip-{source}-{target}",  # the element id in SVG output
+                gid=f"skip_{source}_{target}",  # the element id in SVG output
             )
         )
 

@@ -113,8 +113,8 @@ def test_generator_diagram_skips(tmp_path, engine):
     _, svg_path = draw_genotype(load_shipped("adversarialnas-cifar10"), tmp_path / "gen", engine)
     svg = svg_path.read_text()
     for source, target in [(0, 1), (0, 2), (1, 2)]:
-        assert f'id="skip-{source}-{target}"' in svg
-    assert svg.count('id="skip-') == 3
+        assert f'id="skip_{source}_{target}"' in svg
+    assert svg.count('id="skip_') == 3
 
 
 @pytest.mark.parametrize("engine", ENGINES)
@@ -124,7 +124,7 @@ def test_discriminator_diagram(tmp_path, engine, search):
     svg = svg_path.read_text()
     drawn, used = label_counts(svg, genotype)
     assert drawn == used
-    assert 'id="skip-' not in svg
+    assert 'id="skip_' not in svg
     with Image.open(png_path) as image:
         assert image.width > image.height > 100
 
