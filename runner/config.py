@@ -27,7 +27,7 @@ from hydra import initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import HydraException, MissingConfigException, OverrideParseException
 from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from anas.data import validate_data
 from anas.errors import ConfigError
@@ -312,7 +312,7 @@ def _hydra_error(error: HydraException) -> ConfigError:
 def _omegaconf_error(error: OmegaConfBaseException) -> ConfigError:
     key = getattr(error, "full_key", None)
     message = _first_line(getattr(error, "msg", None) or error)
-    if type(error).__name__ == "MissingMandatoryValue" and key:
+    if isinstance(error, MissingMandatoryValue) and key:
         return ConfigError(
             f"{key}: missing value; set it in the experiment or budget file or as {key}=..."
         )
@@ -324,7 +324,7 @@ def _omegaconf_error(error: OmegaConfBaseException) -> ConfigError:
 
 
 def validate(raw: dict, base_dir: str | Path | None = None) -> dict:
-    """Check `raw` against LaunchSchema and return a copy with absolute paths and ints widened to float.
+    """Check `raw` against LaunchSchema; return a copy with absolute paths, ints widened to float.
 
     Checks types and values of every key, rejects unknown and missing keys, then the rules
     that join several keys (temperatures, sampling ranges, registry names, genotype files).
@@ -608,8 +608,8 @@ def _check_output_dir(cfg: dict) -> None:
         raise ConfigError(f"output_dir: {existing} is not writable; choose another output_dir")
     if (output_dir / "config.yaml").exists() and not cfg["resume"]:
         raise ConfigError(
-            f"output_dir: {output_dir} already contains a launch (config.yaml); set resume=true to continue it "
-            "or choose another output_dir"
+            f"output_dir: {output_dir} already contains a launch (config.yaml); set "
+            "resume=true to continue it or choose another output_dir"
         )
 
 

@@ -1,9 +1,10 @@
 """Check the per-trial resource request against the Ray cluster before any trial starts.
 
-Ray Tune leaves a trial PENDING, with a warning, while no node can meet its request, so on a
-cluster that does not grow a launch asking for more than any node has would wait indefinitely. `fit_resources` turns that into a
-ConfigError naming the key, in seconds. It is a pure function over node resource dicts so that
-tests need no Ray; `cluster_nodes` reads those dicts from a running Ray.
+Ray Tune leaves a trial PENDING, with a warning, while no node can meet its request. On a
+cluster that does not grow, a launch asking for more than any node has would wait indefinitely.
+`fit_resources` turns that into a ConfigError naming the key, in seconds. It is a pure function
+over node resource dicts, so tests need no Ray, and `cluster_nodes` reads those dicts from a
+running Ray.
 """
 
 import logging

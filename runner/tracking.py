@@ -311,7 +311,7 @@ class MlflowRun:
         return True
 
     def _reject(self, kind: str, count: int, error: BaseException) -> None:
-        """Count values the store rejected as invalid; warn once per kind, since retries fail too."""
+        """Count values the store rejected as invalid, warning once per kind (retries fail too)."""
         if kind not in self.undelivered:
             log.warning("MLflow rejected %s for run %s: %s", kind, self._name(), error)
         self.undelivered[kind] += count
