@@ -6,6 +6,7 @@ program and the `graphviz` Python package are installed, and a matplotlib drawin
 graph otherwise.
 """
 
+import functools
 import logging
 import math
 import shutil
@@ -81,6 +82,7 @@ def draw_genotype(
     return paths
 
 
+@functools.cache  # checked once per process, so the fallback is logged once
 def _graphviz_available() -> bool:
     if shutil.which("dot") is None:
         return False
