@@ -404,3 +404,59 @@ def write_leaderboard(rows: list[dict], output_dir: str) -> tuple[Path, Path]:
     tmp.write_text(format_leaderboard(rows))
     tmp.replace(md_path)
     return csv_path, md_path
+
+
+# The launch
+
+
+def failed_trials(stage: str, rows: list[dict]) -> list[str]:
+    return [
+        f"{stage} trial (seed {row['config'].get('seed')}): {row['failure']}"
+        for row in rows
+        if row["failure"]
+    ]
+
+
+def run_launch(cfg: dict, tracker) -> str:
+    """Run both stages under the open parent run `tracker`; return the leaderboard as markdown.
+
+    Ray must already be running (runner.launch starts or joins it), and cfg["resources"] must
+    already fit the cluster (runner.preflight).
+    """
+    output_dir = Path(cfg["output_dir"])
+    tracking = dict(tracker.handle)
+    resources = {"cpu": cfg["resources"]["cpu"], "gpu": cfg["resources"]["gpu"]}
+    launch_file = output_dir / "launch.json"
+    launch_file.write_text(
+        json.dumps(
+            {
+                "tracking_uri": tracking["tracking_uri"],
+                "experiment_id": tracking["experiment_id"],
+                "parent_run_id": tracking["parent_run_id"],
+            },
+            indent=2,
+        )
+    )
+
+    log.info("stage 1/2: search")
+    search_rows = run_search_stage(cfg, tracking, resources)
+    candidates = select_candidates(cfg, search_rows)
+    write_candidates(cfg, candidates)
+    for path in sorted((output_dir / "genotypes").glob("*.json")):
+        tracker.log_artifact(path, "genotypes")
+    log.info("hand-off: %d genotypes to retrain", len(candidates))
+
+    log.info("stage 2/2: retrain")
+    retrain_rows = run_retrain_stage(cfg, candidates, tracking, resources)
+    rows = build_leaderboard(cfg, candidates, retrain_rows, resources)
+    csv_path, md_path = write_leaderboard(rows, cfg["output_dir"])
+    tracker.log_leaderboard(rows, [csv_path, md_path])
+
+    failures = failed_trials("search", search_rows) + failed_trials("retrain", retrain_rows)
+    for line in failures:
+        log.warning("failed %s", line)
+    if failures:
+        tracker.set_tags({"failed_trials": str(len(failures))})
+    if not rows:
+        raise RuntimeError("no retrain trial finished; see the failures above")
+    return format_leaderboard(rows)
