@@ -275,11 +275,13 @@ def compute_metrics(
     `reference` has `mu`, `sigma` and (for KID) `features`; `generated` has one feature
     tensor per metric ('fid', 'is', 'kid'), as `extract_features` returns them.
     """
+    # Generated images go first and real ones second, as input1 and input2 of torch-fidelity's
+    # calculate_metrics, so KID draws the same random subsets as that function does.
     values: dict[str, float] = {}
     if "fid" in metrics:
         statistics = fid_features_to_statistics(generated["fid"])
         real = {"mu": reference["mu"], "sigma": reference["sigma"]}
-        values["fid"] = fid_statistics_to_metric(real, statistics, False)[KEY_METRIC_FID]
+        values["fid"] = fid_statistics_to_metric(statistics, real, False)[KEY_METRIC_FID]
     if "is" in metrics:
         score = isc_features_to_metric(
             generated["is"], settings.isc_splits, True, settings.rng_seed
@@ -288,8 +290,8 @@ def compute_metrics(
         values["is_std"] = score[KEY_METRIC_ISC_STD]
     if "kid" in metrics:
         score = kid_features_to_metric(
-            torch.from_numpy(np.asarray(reference["features"])),
             generated["kid"],
+            torch.from_numpy(np.asarray(reference["features"])),
             kid_subsets=settings.kid_subsets,
             kid_subset_size=settings.kid_subset_size,
             rng_seed=settings.rng_seed,
