@@ -142,6 +142,18 @@ def _restorable(cfg: dict, name: str) -> str | None:
     return None
 
 
+def result_rows(grid) -> list[dict]:
+    """One row per trial: its config, last reported metrics and why it has no result, if so."""
+    rows = []
+    for result in grid:
+        m = dict(result.metrics or {})
+        failure = m.get("failure") or (repr(result.error) if result.error else None)
+        if not failure and not m.get("completed"):
+            failure = "stopped before its last iteration (early stopping)"
+        rows.append({"config": result.config or {}, "metrics": m, "failure": failure})
+    return rows
+
+
 def run_search_stage(cfg: dict, tracking: dict, resources: dict) -> list[dict]:
     s = cfg["search"]
     planned = len(s["seeds"]) * s["num_samples"]
@@ -174,15 +186,7 @@ def run_search_stage(cfg: dict, tracking: dict, resources: dict) -> list[dict]:
             ),
             run_config=_stage_run_config(cfg, "search"),
         )
-    grid = _fit(tuner)
-    rows = []
-    for result in grid:
-        m = dict(result.metrics or {})
-        failure = m.get("failure") or (repr(result.error) if result.error else None)
-        if not m.get("done") and not failure:
-            failure = "trial did not finish"
-        rows.append({"config": result.config or {}, "metrics": m, "failure": failure})
-    return rows
+    return result_rows(_fit(tuner))
 
 
 def select_candidates(cfg: dict, search_rows: list[dict]) -> list[dict]:
@@ -318,13 +322,7 @@ def run_retrain_stage(cfg: dict, candidates: list[dict], tracking: dict, resourc
             ),
             run_config=_stage_run_config(cfg, "retrain"),
         )
-    grid = _fit(tuner)
-    rows = []
-    for result in grid:
-        m = dict(result.metrics or {})
-        failure = m.get("failure") or (repr(result.error) if result.error else None)
-        rows.append({"config": result.config or {}, "metrics": m, "failure": failure})
-    return rows
+    return result_rows(_fit(tuner))
 
 
 # Leaderboard

@@ -175,7 +175,7 @@ def search_trial(config: dict, launch: dict, tracking: dict) -> None:
                 "mlflow_run_id": run.run_id,
                 "device_seconds": elapsed + time.monotonic() - started,
                 "device": str(device),
-                "done": step >= settings.iterations,
+                "completed": step >= settings.iterations,
             }
             run.set_tags({"genotype_hash": genotype_g.hash})
             state = {
@@ -193,7 +193,7 @@ def search_trial(config: dict, launch: dict, tracking: dict) -> None:
         log.warning("search trial %s stopped: %s", context.get_trial_name(), error)
         run.set_tags({"failure": f"non-finite: {error}"})
         run.end("FAILED")
-        tune.report({"fid": WORST_FID, "failure": f"non-finite: {error}", "done": True})
+        tune.report({"fid": WORST_FID, "failure": f"non-finite: {error}", "completed": True})
     except BaseException:
         run.end("FAILED")
         raise
@@ -267,7 +267,7 @@ def retrain_trial(config: dict, launch: dict, tracking: dict, candidates: list) 
                 "device_seconds": elapsed + time.monotonic() - started,
                 "device": str(device),
                 "generator_parameters": counts["generator"],
-                "done": retrain.done,
+                "completed": retrain.done,
             }
             state = {
                 "retrain": retrain.state_dict(),
@@ -284,7 +284,7 @@ def retrain_trial(config: dict, launch: dict, tracking: dict, candidates: list) 
         log.warning("retrain trial %s stopped: %s", context.get_trial_name(), error)
         run.set_tags({"failure": f"non-finite: {error}"})
         run.end("FAILED")
-        tune.report({"fid": WORST_FID, "failure": f"non-finite: {error}", "done": True})
+        tune.report({"fid": WORST_FID, "failure": f"non-finite: {error}", "completed": True})
     except BaseException:
         run.end("FAILED")
         raise
