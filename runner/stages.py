@@ -7,6 +7,7 @@ retrain stage : Tuner(retrain_trial) over candidates x retrain.seeds, ranked by 
 
 import contextlib
 import csv
+import io
 import json
 import logging
 import math
@@ -21,6 +22,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from anas.errors import ConfigError
 from anas.genotypes import genotype_from_dict, load_genotype, load_shipped, save_genotype
+from runner.report import write_report
 from runner.trials import WORST_FID, retrain_trial, search_trial
 
 log = logging.getLogger(__name__)
@@ -389,18 +391,21 @@ def format_leaderboard(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+
+
 def write_leaderboard(rows: list[dict], output_dir: str) -> tuple[Path, Path]:
     folder = Path(output_dir)
     csv_path, md_path = folder / "leaderboard.csv", folder / "leaderboard.md"
-    tmp = csv_path.with_suffix(".csv.tmp")
-    with tmp.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=LEADERBOARD_COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
-    tmp.replace(csv_path)
-    tmp = md_path.with_suffix(".md.tmp")
-    tmp.write_text(format_leaderboard(rows))
-    tmp.replace(md_path)
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=LEADERBOARD_COLUMNS)
+    writer.writeheader()
+    writer.writerows(rows)
+    _write_atomic(csv_path, text.getvalue())
+    _write_atomic(md_path, format_leaderboard(rows))
     return csv_path, md_path
 
 
@@ -424,17 +429,9 @@ def run_launch(cfg: dict, tracker) -> str:
     output_dir = Path(cfg["output_dir"])
     tracking = dict(tracker.handle)
     resources = {"cpu": cfg["resources"]["cpu"], "gpu": cfg["resources"]["gpu"]}
-    launch_file = output_dir / "launch.json"
-    launch_file.write_text(
-        json.dumps(
-            {
-                "tracking_uri": tracking["tracking_uri"],
-                "experiment_id": tracking["experiment_id"],
-                "parent_run_id": tracking["parent_run_id"],
-            },
-            indent=2,
-        )
-    )
+    # Where the report finds this launch's runs.
+    keys = ("tracking_uri", "experiment_id", "parent_run_id")
+    _write_atomic(output_dir / "launch.json", json.dumps({k: tracking[k] for k in keys}, indent=2))
 
     log.info("stage 1/2: search")
     search_rows = run_search_stage(cfg, tracking, resources)
@@ -449,6 +446,10 @@ def run_launch(cfg: dict, tracker) -> str:
     rows = build_leaderboard(cfg, candidates, retrain_rows, resources)
     csv_path, md_path = write_leaderboard(rows, cfg["output_dir"])
     tracker.log_leaderboard(rows, [csv_path, md_path])
+    try:
+        tracker.log_artifact(write_report(cfg["output_dir"]))
+    except Exception as error:  # the leaderboard stands without its report
+        log.warning("could not write the HTML report: %s", error)
 
     failures = failed_trials("search", search_rows) + failed_trials("retrain", retrain_rows)
     for line in failures:

@@ -19,6 +19,7 @@ from ray import tune
 
 from anas.checkpoint import load_checkpoint, save_checkpoint
 from anas.data import BatchStream, load_images
+from anas.diagrams import draw_edge_weights, draw_genotype
 from anas.errors import NonFiniteLossError
 from anas.genotypes import genotype_from_dict
 from anas.metrics import Evaluator, save_grid
@@ -116,6 +117,14 @@ def _log_grid(run: TrialRun, images: torch.Tensor, step: int, folder: Path) -> N
     run.log_image(path, "samples", step)
 
 
+def _log_diagrams(run: TrialRun, genotypes, folder: Path) -> None:
+    """Cell diagrams of each genotype, PNG and SVG, under the run's diagrams/ artifacts."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for genotype in genotypes:
+        for path in draw_genotype(genotype, folder / genotype.network):
+            run.log_artifact(path, f"diagrams/{folder.name}")
+
+
 def search_trial(config: dict, launch: dict, tracking: dict) -> None:
     """One search trial: a supernet searched from `config["seed"]` with the sampled settings."""
     started = time.monotonic()
@@ -165,6 +174,7 @@ def search_trial(config: dict, launch: dict, tracking: dict) -> None:
             run.log_metrics(finite(metrics), step)
             run.log_dict(genotype_g.to_dict(), f"genotypes/generator_{step:06d}.json")
             run.log_dict(genotype_d.to_dict(), f"genotypes/discriminator_{step:06d}.json")
+            _log_diagrams(run, (genotype_g, genotype_d), folder / f"step{step:06d}")
             _log_grid(run, search.sample(64, seed), step, folder)
             history.append({"step": step, "weights": search.edge_weights()})
             metrics |= {
@@ -187,6 +197,11 @@ def search_trial(config: dict, launch: dict, tracking: dict) -> None:
             }
             report(metrics, state)
         run.log_dict({"history": history}, "edge_weights.json")
+        for network, name in (("generator", "alpha"), ("discriminator", "beta")):
+            run.log_artifact(
+                draw_edge_weights(history, network, folder / f"{name}.png"), "diagrams"
+            )
+        _log_diagrams(run, search.genotypes(), folder / "final")
         run.end("FINISHED")
     except NonFiniteLossError as error:
         # A NaN repeats on retry, so the trial ends here, as the worst result.
@@ -237,11 +252,13 @@ def retrain_trial(config: dict, launch: dict, tracking: dict, candidates: list) 
         params={"seed": seed, "candidate": candidate["label"], **counts},
         run_id=run_id,
     )
+    folder = Path(tempfile.mkdtemp(prefix="anas-retrain-"))
     if state is None:
         run.log_dict(genotype_g.to_dict(), "genotypes/generator.json")
         if not isinstance(d_spec, str):
             run.log_dict(d_spec.to_dict(), "genotypes/discriminator.json")
-    folder = Path(tempfile.mkdtemp(prefix="anas-retrain-"))
+        drawn = (genotype_g,) if isinstance(d_spec, str) else (genotype_g, d_spec)
+        _log_diagrams(run, drawn, folder / "architecture")
     r = launch["retrain"]
     try:
         while not retrain.done:
