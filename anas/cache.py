@@ -25,7 +25,7 @@ from anas.errors import ConfigError
 log = logging.getLogger(__name__)
 
 # Bump when the layout of any cached file changes, so old entries are no longer matched.
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 
 def cache_key(fields: Mapping[str, Any]) -> str:

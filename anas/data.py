@@ -10,6 +10,7 @@ permutations and can be checkpointed and resumed bit-identically.
 """
 
 import contextlib
+import hashlib
 import logging
 import os
 import sys
@@ -52,7 +53,10 @@ class ImageSet:
     name: str
     split: str
     classes: tuple[str, ...]
-    key: str  # cache key of the decoded content, reused by caches derived from it
+    # SHA-256 prefix of the decoded images, labels and class names: caches derived from the
+    # images (classifier weights, reference statistics) use it, so the same images read from
+    # a folder or from a zip of it share those caches.
+    key: str
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -149,7 +153,8 @@ def load_images(data: Mapping[str, Any], split: str, cache_dir: str | os.PathLik
         images = torch.from_numpy(archive["images"])
         labels = torch.from_numpy(archive["labels"])
         classes = tuple(str(c) for c in archive["classes"])
-    return ImageSet(images, labels, len(classes), name, split, classes, key)
+        content_key = str(archive["content_key"])
+    return ImageSet(images, labels, len(classes), name, split, classes, content_key)
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
@@ -222,11 +227,19 @@ class BatchStream:
 
 
 def _save_decoded(decoded: Decoded, path: str) -> None:
+    images = np.ascontiguousarray(decoded.images)
+    labels = decoded.labels.astype(np.int64)
+    digest = hashlib.sha256()
+    digest.update(str(images.shape).encode())
+    digest.update(images.tobytes())
+    digest.update(labels.tobytes())
+    digest.update("\0".join(decoded.classes).encode())
     np.savez(
         path,
-        images=np.ascontiguousarray(decoded.images),
-        labels=decoded.labels.astype(np.int64),
+        images=images,
+        labels=labels,
         classes=np.array(decoded.classes, dtype=str),
+        content_key=np.array(digest.hexdigest()[:16]),
     )
 
 

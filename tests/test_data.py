@@ -118,6 +118,7 @@ def test_cifar10_zip_matches_folder(cifar10_root, cifar10_zip, anas_cache_dir):
     from_zip = load_images(archive, "test", anas_cache_dir)
     assert torch.equal(from_folder.images, from_zip.images)
     assert torch.equal(from_folder.labels, from_zip.labels)
+    assert from_folder.key == from_zip.key
 
 
 def test_extract_zip_once(tmp_path):
