@@ -17,6 +17,7 @@ moves a network weight, and no stale gradients pile up in the other groups.
 
 import contextlib
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -56,6 +57,45 @@ class SearchSettings:
     gumbel: bool  # mix edges by Gumbel-softmax samples instead of a plain softmax
     tau_max: float  # Gumbel temperature at the first iteration, annealed linearly ...
     tau_min: float  # ... to this one at the last
+
+    @classmethod
+    def from_config(cls, config: Mapping, sampled: Mapping | None = None) -> "SearchSettings":
+        """Read the settings from a composed config (a plain nested dict); `sampled` holds
+        values drawn for this trial that replace keys of the `search` section."""
+        search = {**config["search"], **(sampled or {})}
+        model, data = config["model"], config["data"]
+        values = {name: search[name] for name in SEARCH_KEYS}
+        return cls(
+            latent_dim=model["latent_dim"],
+            g_channels=model["g_channels"],
+            d_channels=model["d_channels"],
+            img_size=data["img_size"],
+            img_channels=data["channels"],
+            **values
+            | {
+                "n_critic": int(values["n_critic"]),
+                "arch_betas": tuple(values["arch_betas"]),
+                "betas": tuple(values["betas"]),
+            },
+        )
+
+
+# Fields read from the config's `search` section under the same name.
+SEARCH_KEYS = (
+    "batch_size",
+    "n_critic",
+    "iterations",
+    "loss",
+    "arch_lr",
+    "arch_betas",
+    "arch_weight_decay",
+    "g_lr",
+    "d_lr",
+    "betas",
+    "gumbel",
+    "tau_max",
+    "tau_min",
+)
 
 
 def detached(weights: list[dict]) -> list[dict]:
