@@ -378,13 +378,11 @@ def _check_uniform(
 
 
 def _find_image_folder(path: Path) -> Path | None:
-    """Return `path` or its only subfolder, whichever has a train/ subfolder, else None."""
+    """Return `path` if it has a train/ subfolder, else its only subfolder that has one."""
     if (path / "train").is_dir():
         return path
-    subfolders = [entry for entry in path.iterdir() if entry.is_dir()]
-    if len(subfolders) == 1 and (subfolders[0] / "train").is_dir():
-        return subfolders[0]
-    return None
+    candidates = [entry for entry in path.iterdir() if (entry / "train").is_dir()]
+    return candidates[0] if len(candidates) == 1 else None
 
 
 def _require_root(root: str | None, name: str, how_to_get: str) -> Path:
@@ -397,7 +395,11 @@ def _require_root(root: str | None, name: str, how_to_get: str) -> Path:
 
 
 def _download(name: str, create: Callable[[str], Any], cache_dir: Path, how_to_get: str) -> Path:
-    """Run a torchvision constructor with download=True into `<cache_dir>/torchvision`."""
+    """Run a torchvision constructor with download=True into `<cache_dir>/torchvision`.
+
+    NOTE: only reached with data.root null; no machine the tests run on can download, so
+    the successful download has not been run.
+    """
     root = cache_dir / TORCHVISION_FOLDER
     with locked(root / name):
         log.info("data.root is empty: downloading %s with torchvision into %s", name, root)
@@ -489,6 +491,8 @@ def _decode_cifar10(
     source: Path, split: str, img_size: int, channels: int, cache_dir: Path
 ) -> Decoded:
     if source.name == "cifar-10-batches-py":
+        # NOTE: the tests read CIFAR-10 only as JPEGs; this branch for torchvision's binary
+        # batches has not been run against the real files.
         import torchvision
 
         try:
@@ -558,7 +562,9 @@ def _decode_stl10(
         raise ConfigError(
             f"data.root: cannot read STL-10 from {source} ({error}); {STL10_HOW_TO_GET}"
         ) from error
-    # torchvision stores STL-10 as (N, 3, 96, 96) with labels -1 in the unlabeled split
+    # torchvision stores STL-10 as (N, 3, 96, 96) with labels -1 in the unlabeled split.
+    # NOTE: the tests have no STL-10 files (torchvision checks their MD5 sums), so this
+    # successful read has not been run.
     images = resize_images(dataset.data, img_size)
     labels = np.asarray(dataset.labels, dtype=np.int64)
     return Decoded(images, labels, tuple(dataset.classes))

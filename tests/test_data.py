@@ -185,6 +185,23 @@ def test_image_folder_zip(tmp_path):
     assert test.images.shape == (1, 3, 16, 16)
 
 
+def test_imagenette_mixed_photos(tmp_path):
+    # photo datasets mix sizes and a few grayscale files; all become RGB squares
+    for split, count in (("train", 3), ("val", 1)):
+        folder = tmp_path / "imagenette2-160" / split / "n01440764"
+        folder.mkdir(parents=True)
+        for i in range(count):
+            size = (40 + 10 * i, 30)
+            mode = "L" if i == 1 else "RGB"
+            Image.new(mode, size, color=100).save(folder / f"{i}.JPEG")
+    data = {"name": "imagenette", "root": str(tmp_path), "img_size": 16, "channels": 3}
+    train = load_images(data, "train", tmp_path / "cache")
+    test = load_images(data, "test", tmp_path / "cache")
+    assert train.images.shape == (3, 3, 16, 16)
+    assert test.images.shape == (1, 3, 16, 16)
+    assert abs(int(train.images[1, 2, 8, 8]) - 100) <= 2
+
+
 # ---------------------------------------------------------------------------------------------
 # Input errors
 
@@ -234,6 +251,22 @@ def test_cifar10_empty_root(tmp_path):
     with pytest.raises(ConfigError, match="data.root") as error:
         load_images(data, "train", tmp_path)
     assert str(empty) in str(error.value)
+
+
+def test_stl10_missing_folder(tmp_path):
+    data = {"name": "stl10", "root": str(tmp_path), "img_size": 48, "channels": 3}
+    with pytest.raises(ConfigError, match="data.root") as error:
+        load_images(data, "train", tmp_path / "cache")
+    assert "stl10_binary" in str(error.value)
+
+
+def test_stl10_corrupt_files(tmp_path):
+    (tmp_path / "stl10_binary").mkdir()
+    (tmp_path / "stl10_binary" / "train_X.bin").write_bytes(b"\0" * 100)
+    data = {"name": "stl10", "root": str(tmp_path), "img_size": 48, "channels": 3}
+    with pytest.raises(ConfigError, match="data.root") as error:
+        load_images(data, "train", tmp_path / "cache")
+    assert "cannot read STL-10" in str(error.value)
 
 
 def test_image_folder_needs_root(tmp_path):
