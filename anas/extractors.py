@@ -2,7 +2,7 @@
 
 `EXTRACTORS` maps a `metrics.extractor` name to a function that locates (or trains) the
 extractor's weights and returns an `ExtractorWeights`. Its `build(layers, device)` creates the
-network through torch-fidelity's own registry, so the metric code sees a standard
+network through torch-fidelity's own registry, so the metric code gets a standard
 `FeatureExtractorBase` that takes uint8 (B, 3, H, W) images.
 
 - `inception-v3-compat`: torch-fidelity's Inception-v3 port of the TensorFlow FID network.

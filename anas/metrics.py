@@ -1,9 +1,10 @@
 """IS, FID and KID of generated images, computed in memory with torch-fidelity's metric code.
 
 `Evaluator` compares samples drawn from a function against the real images of one dataset
-split. The real side is reduced once to reference statistics (FID mean and covariance, plus
-the features KID draws subsets from) and cached on disk under a key of the whole protocol, so
-every later evaluation with the same protocol only extracts features of the generated images.
+split. The real side is reduced once to reference statistics: the FID mean and covariance,
+plus the features that KID draws subsets from. These are cached on disk under a key of the
+whole protocol. Every later evaluation with the same protocol then extracts features of the
+generated images only.
 
 Every result carries its `Protocol`, whose `tag` names the extractor, dataset, split, sample
 counts and image size, e.g. `classifier-digits-train-r1437-g1000-16px`.
@@ -55,7 +56,7 @@ REAL_SUBSET_SEED = 0
 
 @dataclass(frozen=True)
 class Protocol:
-    """How a metric value was measured; two values are comparable only if these match."""
+    """The measurement settings behind a metric value; values compare only if these match."""
 
     extractor: str  # an entry of anas.extractors.EXTRACTORS
     dataset: str
@@ -146,7 +147,7 @@ class Evaluator:
         """Return the requested metrics of `n_generated` images drawn from `sample`.
 
         `sample(k)` returns k images (k, C, H, W), float in [-1, 1] or uint8, on any device;
-        it is called in batches of `settings.batch_size`. The result holds `fid`, `is` and
+        it is called in batches of `settings.batch_size`. The result contains `fid`, `is` and
         `is_std`, `kid` and `kid_std` for the requested metrics, and `protocol` (a dict).
         """
         metrics = _check_metrics(metrics)
@@ -317,7 +318,8 @@ def extract_features(
     device = next(extractor.parameters()).device
     names = list(extractor.get_requested_features_list())
     collected: dict[str, list[torch.Tensor]] = {name: [] for name in names}
-    with tqdm(total=total, desc="features", unit="img", leave=False) as progress:
+    # disable=None hides the bar when stderr is not a terminal, as in Ray Tune workers
+    with tqdm(total=total, desc="features", unit="img", leave=False, disable=None) as progress:
         for batch in batches:
             batch = batch.to(device)
             if batch.dtype != torch.uint8:

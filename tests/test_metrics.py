@@ -6,6 +6,7 @@ minute on two cores).
 """
 
 import logging
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -20,8 +21,10 @@ from anas.errors import ConfigError
 from anas.extractors import (
     CLASSIFIER_FIDELITY_NAME,
     EXTRACTORS,
+    ClassifierSettings,
     classifier_accuracy,
     inception_download_path,
+    train_classifier,
 )
 from anas.metrics import (
     Evaluator,
@@ -71,6 +74,17 @@ def test_digits_classifier_accurate(anas_cache_dir):
     extractor = weights.build(["logits"], "cpu")
     test = load_images(DIGITS, "test", anas_cache_dir)
     assert classifier_accuracy(extractor.net, test, "cpu") > 0.95
+
+
+def test_classifier_training_deterministic(anas_cache_dir):
+    train = load_images(DIGITS, "train", anas_cache_dir)
+    settings = ClassifierSettings(max_steps=5)
+    first, _ = train_classifier(train, settings, "cpu")
+    second, _ = train_classifier(train, settings, "cpu")
+    other, _ = train_classifier(train, replace(settings, seed=1), "cpu")
+    for name, tensor in first.state_dict().items():
+        assert torch.equal(tensor, second.state_dict()[name]), name
+    assert not torch.equal(first.head.weight, other.head.weight)
 
 
 def test_digits_fid_self_zero(digits_sets, anas_cache_dir):
