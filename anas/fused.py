@@ -96,7 +96,7 @@ def _conv_outputs(family, edges, weights, x):
                 kernel = x.new_zeros(c_out, inp.shape[1], size, size)
             kernels.append(kernel)
         weight = torch.cat(kernels, dim=0)  # (edges * c_out, c_in, size, size)
-        padding = dilation * (size - 1) // 2
+        weight, padding = _crop_dead_taps(weight, dilation, inp.shape[-2:])
         merged.append(F.conv2d(inp, weight, None, stride, padding, dilation))
     total = merged[0] if len(merged) == 1 else sum(merged[1:], merged[0])
     for e, part in enumerate(total.split(c_out, dim=1)):  # each (B, c_out, H', W')
@@ -104,6 +104,24 @@ def _conv_outputs(family, edges, weights, x):
             part = part + bias[e].view(1, -1, 1, 1)
         outputs[e] = part
     return outputs
+
+
+def _crop_dead_taps(weight: torch.Tensor, dilation: int, size) -> tuple[torch.Tensor, tuple]:
+    """Drop kernel taps that only ever read padding, with the padding they needed.
+
+    A tap at offset t * dilation from the centre reads inside an input of height H only if
+    |t * dilation| <= H - 1, for stride 1 and for stride 2 alike (output positions are centred
+    on input positions). On the small maps of the first generator and last discriminator cells a
+    dilated 5x5 kernel is mostly such taps: at 2x2 it is exactly a 1x1 convolution. The output
+    shape and values are unchanged.
+    """
+    radius = weight.shape[-1] // 2
+    keep = [min(radius, (n - 1) // dilation) for n in size]
+    if keep[0] < radius or keep[1] < radius:
+        rows = slice(radius - keep[0], radius + keep[0] + 1)
+        cols = slice(radius - keep[1], radius + keep[1] + 1)
+        weight = weight[..., rows, cols]
+    return weight, (dilation * keep[0], dilation * keep[1])
 
 
 def _up_outputs(edges, weights, x):
