@@ -30,6 +30,7 @@ import argparse
 import statistics
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -201,12 +202,12 @@ def main() -> int:
         }
         streams = {name: RandomStream(settings, device) for name in VARIANTS}
         reference_optimizers = plain_optimizers(searches["straightforward"])
-        steps = {
-            name: (lambda search=search, stream=streams[name]: search.step(stream))
-            for name, search in searches.items()
-        }
-        steps["straightforward"] = lambda: reference_step(
-            searches["straightforward"], streams["straightforward"], reference_optimizers
+        steps = {name: partial(search.step, streams[name]) for name, search in searches.items()}
+        steps["straightforward"] = partial(
+            reference_step,
+            searches["straightforward"],
+            streams["straightforward"],
+            reference_optimizers,
         )
         for step in steps.values():  # warm-up: allocations, kernel selection
             time_steps(step, 1, device, args.bf16)
