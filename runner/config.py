@@ -32,7 +32,7 @@ from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 from anas.data import validate_data
 from anas.errors import ConfigError
 from anas.extractors import EXTRACTORS
-from anas.genotypes import SHIPPED
+from anas.genotypes import SHIPPED, load_genotype
 from anas.losses import LOSSES
 from anas.metrics import MetricSettings
 from experiments import CONFIG_DIR
@@ -340,6 +340,7 @@ def validate(raw: dict, base_dir: str | Path | None = None) -> dict:
     _check_search(cfg["search"])
     _check_registry_names(cfg)
     _check_sample_counts(cfg["metrics"])
+    _check_retrain(cfg)
     _check_genotype_files(cfg["retrain"]["genotypes"])
     _check_inception_weights(cfg["metrics"]["inception_weights"])
     return cfg
@@ -580,13 +581,64 @@ def _check_sample_counts(metrics: dict) -> None:
         )
 
 
+def genotype_files(path: str | Path, key: str = "retrain.genotypes") -> list[Path]:
+    """The generator genotype files that one `retrain.genotypes` entry names.
+
+    An entry is a generator JSON file, a folder of `*generator.json` files, or the output_dir of
+    an earlier launch (its genotypes/ folder). Raises ConfigError naming `key`.
+    """
+    path = Path(path)
+    if path.is_dir():
+        folder = path / "genotypes" if (path / "genotypes").is_dir() else path
+        files = sorted(folder.glob("*generator.json"))
+        if not files:
+            raise ConfigError(f"{key}: no *generator.json files in {folder}")
+        return files
+    if path.is_file():
+        return [path]
+    raise ConfigError(
+        f"{key}: {path} not found; give a generator genotype JSON file or the output_dir of an "
+        "earlier launch"
+    )
+
+
 def _check_genotype_files(paths: list[str]) -> None:
     for index, path in enumerate(paths):
-        if not Path(path).exists():
-            raise ConfigError(
-                f"retrain.genotypes[{index}]: {path} not found; give a generator genotype JSON "
-                "file or the output_dir of an earlier launch"
-            )
+        genotype_files(path, f"retrain.genotypes[{index}]")
+
+
+def check_genotype_files(cfg: dict) -> None:
+    """Read every genotype that `retrain.genotypes` names, so a bad one fails before training.
+
+    Separate from `validate`, which only checks that the files exist: reading them is the
+    launcher's pre-flight.
+    """
+    for index, path in enumerate(cfg["retrain"]["genotypes"]):
+        key = f"retrain.genotypes[{index}]"
+        for file in genotype_files(path, key):
+            partner = file.with_name(file.name.replace("generator.json", "discriminator.json"))
+            try:
+                genotype = load_genotype(file)
+                if partner != file and partner.is_file():
+                    load_genotype(partner)
+            except ConfigError as error:
+                raise ConfigError(f"{key}: {error}") from None
+            if genotype.network != "generator":
+                raise ConfigError(
+                    f"{key}: {file} contains a {genotype.network}, expected a generator"
+                )
+
+
+def _check_retrain(cfg: dict) -> None:
+    """Reject a top_k that the search stage cannot reach: it yields one genotype per trial."""
+    search, top_k = cfg["search"], cfg["retrain"]["top_k"]
+    trials = len(search["seeds"]) * search["num_samples"]
+    if top_k > trials:
+        raise ConfigError(
+            f"retrain.top_k: {top_k} is larger than the {trials} search trials "
+            f"(search.seeds x search.num_samples), which find at most {trials} distinct "
+            "genotypes; lower retrain.top_k or add search.seeds"
+        )
 
 
 def _check_inception_weights(path: str | None) -> None:
@@ -611,6 +663,80 @@ def _check_output_dir(cfg: dict) -> None:
             f"output_dir: {output_dir} already contains a launch (config.yaml); set "
             "resume=true to continue it or choose another output_dir"
         )
+
+
+# ---------------------------------------------------------------------------------------------
+# Resuming.
+
+# Keys that a resumed launch may override. They change where and how it runs, never what it
+# computes; every other key keeps the value saved in output_dir/config.yaml. Thread counts and
+# devices come from `resources`, which is therefore not among them.
+RESUME_KEYS = (
+    "resume",
+    "output_dir",
+    "ray.address",
+    "tune.max_failures",
+    "tune.max_concurrent",
+    "mlflow.request_timeout_s",
+    "mlflow.max_retries",
+)
+# Config groups: an override of one is compared through the name its file sets.
+GROUP_NAMES = {"exp": "exp_name", "budget": "budget_name"}
+
+
+def override_keys(overrides: Sequence[str]) -> list[str]:
+    """The config keys or groups that Hydra command-line overrides set, add or delete."""
+    keys = []
+    for override in overrides:
+        key = override.lstrip("+~").split("=", 1)[0].strip()
+        if not key.startswith("hydra."):
+            keys.append(key)
+    return keys
+
+
+def _lookup(cfg: dict, key: str) -> Any:
+    value: Any = cfg
+    for part in key.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return _ABSENT
+        value = value[part]
+    return value
+
+
+_ABSENT = object()
+
+
+def resumed_config(composed: dict, overrides: Sequence[str]) -> dict:
+    """Return the saved config of the launch in composed["output_dir"], to be continued.
+
+    `composed` is composed from `overrides`. Overrides of RESUME_KEYS apply; any other override
+    must repeat the saved value. Raises ConfigError naming the first key that would change the
+    experiment.
+    """
+    path = Path(composed["output_dir"]) / "config.yaml"
+    cfg = load_config(path)
+    keys = override_keys(overrides)
+    for key in keys:
+        if key in RESUME_KEYS:
+            continue
+        name = GROUP_NAMES.get(key, key)
+        old, new = _lookup(cfg, name), _lookup(composed, name)
+        if old != new:
+            shown_old = "absent" if old is _ABSENT else _show(old)
+            shown_new = "absent" if new is _ABSENT else _show(new)
+            raise ConfigError(
+                f"{key}: a resumed launch keeps the value in {path} ({shown_old}), got "
+                f"{shown_new}; drop the override or start a new launch in another output_dir"
+            )
+    if cfg["storage"]["path"] == cfg["output_dir"]:
+        cfg["storage"]["path"] = composed["output_dir"]  # the launch folder may have been moved
+    for key in {"resume", "output_dir", *keys} & set(RESUME_KEYS):
+        *parents, name = key.split(".")
+        section, source = cfg, composed
+        for part in parents:
+            section, source = section[part], source[part]
+        section[name] = source[name]
+    return cfg
 
 
 # ---------------------------------------------------------------------------------------------
