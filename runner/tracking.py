@@ -202,6 +202,11 @@ def flatten_params(tree: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     return flat
 
 
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
+
+
 def _now_ms() -> int:
     return int(time.time() * 1000)
 
@@ -458,8 +463,9 @@ class TrialRun(MlflowRun):
 
         `tracking` is `Tracker.handle`. `stage` is "search" or "retrain". A restored trial
         passes the run id it had, and its run returns to RUNNING (params are not logged again,
-        since MLflow forbids changing them). If the store is unavailable, the run is created
-        once the store responds again.
+        since MLflow forbids changing them). Without `run_id`, the run that an earlier attempt of
+        the same trial created is reused if there is one. If the store is unavailable, the run
+        is created once the store responds again.
         """
         run = cls(tracking, run_id, label=trial_name)
         all_tags = {
@@ -474,6 +480,13 @@ class TrialRun(MlflowRun):
             return run
 
         def create(client: MlflowClient) -> str:
+            # A trial restarted without a checkpoint (after a crash of its worker or of the
+            # launch) continues the run of its earlier attempt instead of leaving it RUNNING.
+            earlier = find_trial_run(client, tracking, trial_id)
+            if earlier is not None:
+                client.update_run(earlier, status="RUNNING")
+                log.info("trial %s continues its MLflow run %s", trial_name, earlier)
+                return earlier
             created = client.create_run(
                 tracking["experiment_id"], tags=all_tags, run_name=trial_name
             )
@@ -488,6 +501,16 @@ class TrialRun(MlflowRun):
 
 # ---------------------------------------------------------------------------------------------
 # The launch.
+
+
+def find_trial_run(client: MlflowClient, tracking: Mapping[str, Any], trial_id: str) -> str | None:
+    """Return the id of the child run of the launch tagged with Tune's `trial_id`, if any."""
+    query = (
+        f"tags.{MLFLOW_PARENT_RUN_ID} = '{tracking['parent_run_id']}' "
+        f"and tags.trial_id = '{trial_id}'"
+    )
+    runs = client.search_runs([tracking["experiment_id"]], query, max_results=1)
+    return runs[0].info.run_id if runs else None
 
 
 def close_running_children(
@@ -569,6 +592,49 @@ class Tracker(MlflowRun):
         )
         tracker.log_params(cfg)
         return tracker
+
+    @classmethod
+    def reopen(cls, cfg: dict, record: Mapping[str, Any], source: str) -> "Tracker":
+        """Set the parent run of an earlier run of this launch RUNNING again and return it.
+
+        `record` holds tracking_uri, experiment_id and parent_run_id, as read from `source`
+        (output_dir/launch.json). Raises ConfigError naming `source` when the store cannot be
+        used or no longer has the run.
+        """
+        settings = cfg["mlflow"]
+        uri = record["tracking_uri"]
+        check_tracking_store(uri, settings["request_timeout_s"])
+        limit_http_retries(settings["request_timeout_s"])
+        client = MlflowClient(tracking_uri=uri)
+        run_id = record["parent_run_id"]
+        try:
+            run = client.get_run(run_id)
+            client.update_run(run_id, status="RUNNING")
+        except STORE_ERRORS as error:
+            raise ConfigError(
+                f"{source}: cannot reopen the launch's parent run {run_id} in {uri}: "
+                f"{_first_line(error)}; restore the tracking store or start a new launch"
+            ) from None
+        handle = {
+            "tracking_uri": uri,
+            "experiment_id": run.info.experiment_id,
+            "parent_run_id": run_id,
+            "max_retries": settings["max_retries"],
+            "request_timeout_s": settings["request_timeout_s"],
+            "primary_metric": settings["primary_metric"],
+        }
+        tracker = cls(handle, run_id, label="launch")
+        tracker._client = client
+        resumes = int(run.data.tags.get("resumes", "0")) + 1
+        tracker.set_tags({"resumes": str(resumes)})
+        log.info("MLflow: continuing parent run %s in %s (resume %d)", run_id, uri, resumes)
+        return tracker
+
+    @property
+    def record(self) -> dict[str, str]:
+        """What output_dir/launch.json keeps: where the parent run is."""
+        keys = ("tracking_uri", "experiment_id", "parent_run_id")
+        return {key: self.handle[key] for key in keys}
 
     @property
     def experiment_id(self) -> str:
