@@ -9,6 +9,7 @@ Exit status: 0 on success; 2 on invalid input, with one line `error: <message>` 
 130 after Ctrl-C or SIGTERM; 1 on anything else, with its traceback.
 """
 
+import json
 import logging
 import os
 import signal
@@ -21,12 +22,19 @@ if __package__ in (None, ""):
 
 from anas.errors import ConfigError  # noqa: E402
 from experiments import CONFIG_DIR  # noqa: E402
-from runner.config import compose, save_config  # noqa: E402
+from runner.config import (  # noqa: E402
+    check_genotype_files,
+    compose,
+    resumed_config,
+    save_config,
+)
 from runner.preflight import check_resources  # noqa: E402
 from runner.tracking import Tracker, check_tracking_store, resolve_tracking_uri  # noqa: E402
 
 log = logging.getLogger("runner.launch")
 
+# Where the parent run of a launch is, in its output_dir; the report reads it too.
+LAUNCH_RECORD = "launch.json"
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 # Libraries that log routine steps at INFO (database migrations, Ray start-up) to the console.
 QUIET_LOGGERS = ("alembic", "mlflow", "ray", "urllib3", "filelock")
@@ -99,23 +107,70 @@ def run_stages(cfg: dict, tracker: Tracker) -> str:
     return run_launch(cfg, tracker)
 
 
+def read_launch_record(output_dir: Path) -> dict | None:
+    """Return output_dir/launch.json (where the parent run is), or None if it was not written."""
+    path = output_dir / LAUNCH_RECORD
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as error:
+        raise ConfigError(f"{path}: cannot read it ({error}); start a new launch") from None
+    keys = ("tracking_uri", "experiment_id", "parent_run_id")
+    if not isinstance(record, dict) or not all(isinstance(record.get(k), str) for k in keys):
+        raise ConfigError(f"{path}: expected the keys {', '.join(keys)}; start a new launch")
+    return record
+
+
+def write_launch_record(output_dir: Path, record: dict) -> None:
+    path = output_dir / LAUNCH_RECORD
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(json.dumps(record, indent=2), encoding="utf-8")
+    temporary.replace(path)
+
+
+def check_data(cfg: dict) -> None:
+    """Decode the training split and the metrics' split before any trial starts.
+
+    Trials read both from the cache this fills. A missing, empty or inconsistent dataset, or too
+    few images for `metrics.n_real`, raises ConfigError here rather than inside every trial.
+    """
+    from anas.data import load_images
+    from anas.metrics import _check_n_real  # the same rule the evaluator applies in trials
+
+    try:
+        load_images(cfg["data"], "train", cfg["cache_dir"])
+        real = load_images(cfg["data"], cfg["data"]["split"], cfg["cache_dir"])
+    except PermissionError as error:
+        raise ConfigError(f"cache_dir: cannot write {error.filename}: {error.strerror}") from None
+    _check_n_real(cfg["metrics"]["n_real"], real)
+
+
 def launch(overrides: list[str]) -> str:
     """Run one launch end to end and return the leaderboard text (see the module docstring)."""
     cfg = compose(overrides)
+    output_dir = Path(cfg["output_dir"])
+    record = None
+    if cfg["resume"] and (output_dir / "config.yaml").is_file():
+        cfg = resumed_config(cfg, overrides)
+        record = read_launch_record(output_dir)
+        log.info("resuming the launch in %s", output_dir)
 
     # Tracking first: an unreachable server fails in seconds, before Ray starts.
-    uri = resolve_tracking_uri(cfg)
+    uri = record["tracking_uri"] if record else resolve_tracking_uri(cfg)
     check_tracking_store(uri, cfg["mlflow"]["request_timeout_s"])
     # Fluent mlflow calls in this process and in the Ray workers it starts use the same store.
     os.environ["MLFLOW_TRACKING_URI"] = uri
     # Let Ctrl-C raise KeyboardInterrupt out of Tuner.fit, so the launch ends its runs KILLED;
     # Ray Tune's own handler would stop the stage and let the launch carry on.
     os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
+    check_data(cfg)
+    check_genotype_files(cfg)
 
     started_ray = start_ray(cfg)
     try:
         cfg["resources"].update(check_resources(cfg))
-        config_path = Path(cfg["output_dir"]) / "config.yaml"
+        config_path = output_dir / "config.yaml"
         try:
             save_config(cfg, config_path)
         except OSError as error:
@@ -124,7 +179,14 @@ def launch(overrides: list[str]) -> str:
             "launch %s/%s: writing to %s", cfg["exp_name"], cfg["budget_name"], cfg["output_dir"]
         )
 
-        with Tracker.start(cfg) as tracker:
+        if record:
+            tracker = Tracker.reopen(cfg, record, str(output_dir / LAUNCH_RECORD))
+        else:
+            tracker = Tracker.start(cfg)
+        with tracker:
+            if not record:
+                # Written first, so that a resumed launch finds this parent run again.
+                write_launch_record(output_dir, tracker.record)
             tracker.log_artifact(config_path)
             try:
                 return run_stages(cfg, tracker)

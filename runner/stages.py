@@ -11,6 +11,7 @@ import io
 import json
 import logging
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -19,9 +20,11 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
+from ray.tune.stopper import Stopper
 
 from anas.errors import ConfigError
 from anas.genotypes import genotype_from_dict, load_genotype, load_shipped, save_genotype
+from runner.config import genotype_files
 from runner.report import write_report
 from runner.trials import WORST_FID, retrain_trial, search_trial
 
@@ -70,16 +73,33 @@ class SeededSearch(Searcher):
     """Runs every configuration Optuna samples once per seed.
 
     Optuna sees one trial per configuration and learns the mean FID over its seeds; a seed that
-    failed or reported a non-finite result counts as the worst FID.
+    failed, reported a failure or a non-finite result counts as the worst FID.
+
+    `save` writes JSON: the sequence of calls made to Optuna and the values reported to it.
+    `restore` builds a fresh seeded OptunaSearch and replays that sequence, which brings the study
+    and the sampler's random state back to where they were, with no pickled object involved.
     """
 
-    def __init__(self, inner: Searcher, seeds: list[int], metric: str, mode: str):
+    STATE_VERSION = 1
+
+    def __init__(self, space: dict, seeds: list[int], sampler_seed: int, metric: str, mode: str):
         super().__init__(metric=metric, mode=mode)
-        self.inner, self.seeds = inner, list(seeds)
+        self.space, self.seeds, self.sampler_seed = dict(space), list(seeds), sampler_seed
+        self.inner = self._new_inner()
         self.queue: list[tuple[str, dict, int]] = []
         self.base_of: dict[str, str] = {}  # Tune trial id -> Optuna trial id
-        self.scores: dict[str, list[float]] = {}
+        self.scores: dict[str, dict[str, float]] = {}  # Optuna trial id -> Tune trial id -> FID
+        self.reported: dict[str, float] = {}  # Optuna trial id -> the mean FID reported to Optuna
+        self.calls: list[list] = []  # ["suggest", base, sampled] and ["tell", base, value]
         self.configurations = 0
+
+    def _new_inner(self) -> OptunaSearch:
+        return OptunaSearch(
+            space=optuna_space(self.space),
+            metric=self.metric,
+            mode=self.mode,
+            sampler=optuna.samplers.TPESampler(seed=self.sampler_seed),
+        )
 
     def set_search_properties(self, metric, mode, config, **spec) -> bool:
         super().set_search_properties(metric, mode, config, **spec)
@@ -91,9 +111,10 @@ class SeededSearch(Searcher):
             sampled = self.inner.suggest(base)
             if sampled is None or sampled == Searcher.FINISHED:
                 return sampled
+            self.calls.append(["suggest", base, sampled])
             self.configurations += 1
             self.queue = [(base, sampled, seed) for seed in self.seeds]
-            self.scores[base] = []
+            self.scores[base] = {}
         base, sampled, seed = self.queue.pop(0)
         self.base_of[trial_id] = base
         return {**sampled, "seed": seed}
@@ -102,23 +123,114 @@ class SeededSearch(Searcher):
         base = self.base_of.get(trial_id)
         if base is None:
             return
-        value = (result or {}).get(self.metric)
-        ok = not error and isinstance(value, int | float) and math.isfinite(value)
-        self.scores[base].append(float(value) if ok else WORST_FID)
-        if len(self.scores[base]) == len(self.seeds):
-            mean = sum(self.scores[base]) / len(self.seeds)
-            self.inner.on_trial_complete(base, {self.metric: mean})
+        result = result or {}
+        value = result.get(self.metric)
+        ok = (
+            not error
+            and not result.get("failure")
+            and isinstance(value, int | float)
+            and math.isfinite(value)
+        )
+        # A trial that errored and is resumed later completes twice; its last result counts.
+        self.scores[base][trial_id] = float(value) if ok else WORST_FID
+        if len(self.scores[base]) < len(self.seeds):
+            return
+        mean = sum(self.scores[base].values()) / len(self.seeds)
+        if base in self.reported:
+            if mean != self.reported[base]:
+                log.info(
+                    "%s: mean FID is now %.4g, but Optuna keeps the %.4g reported first",
+                    base,
+                    mean,
+                    self.reported[base],
+                )
+            return
+        self.reported[base] = mean
+        self.calls.append(["tell", base, mean])
+        self.inner.on_trial_complete(base, {self.metric: mean})
 
     def get_state(self) -> dict:
-        state = {k: v for k, v in self.__dict__.items() if k != "inner"}
-        return {"own": state, "inner": self.inner.get_state()}
+        return {
+            "version": self.STATE_VERSION,
+            "space": self.space,
+            "seeds": self.seeds,
+            "sampler_seed": self.sampler_seed,
+            "queue": self.queue,
+            "base_of": self.base_of,
+            "scores": self.scores,
+            "reported": self.reported,
+            "calls": self.calls,
+            "configurations": self.configurations,
+        }
 
     def set_state(self, state: dict) -> None:
-        self.__dict__.update(state["own"])
-        self.inner.set_state(state["inner"])
+        if state.get("version") != self.STATE_VERSION:
+            raise ConfigError(
+                f"search: searcher state version {state.get('version')!r} is not "
+                f"{self.STATE_VERSION}; start a new launch in another output_dir"
+            )
+        self.space, self.seeds = state["space"], state["seeds"]
+        self.sampler_seed = state["sampler_seed"]
+        self.queue = [tuple(entry) for entry in state["queue"]]
+        self.base_of, self.scores, self.reported = (
+            state["base_of"],
+            state["scores"],
+            state["reported"],
+        )
+        self.configurations = state["configurations"]
+        self.calls = []
+        self.inner = self._new_inner()
+        for call in state["calls"]:
+            self._replay(call)
+
+    def _replay(self, call: list) -> None:
+        kind, base, value = call
+        if kind == "tell":
+            self.inner.on_trial_complete(base, {self.metric: value})
+        else:
+            sampled = self.inner.suggest(base)
+            if sampled != value:
+                # NOTE: a different Optuna version or sampler can draw differently; the trials
+                # already queued keep the configurations they were given.
+                log.warning("%s: Optuna drew %s on replay, %s before", base, sampled, value)
+        self.calls.append(call)
+
+    def save(self, checkpoint_path: str) -> None:
+        Path(checkpoint_path).write_text(json.dumps(self.get_state()), encoding="utf-8")
+
+    def restore(self, checkpoint_path: str) -> None:
+        path = Path(checkpoint_path)
+        try:
+            state = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as error:
+            raise ConfigError(
+                f"{path}: cannot read the search stage's searcher state ({error}); start a new "
+                "launch in another output_dir"
+            ) from None
+        self.set_state(state)
+        log.info("search stage: restored Optuna from %d recorded calls", len(self.calls))
 
 
 # Stages
+
+
+class StopOnInvalidInput(Stopper):
+    """Stops the whole stage once a trial reports `invalid_input`: other trials would meet it too.
+
+    A trial reports it when it meets bad input that only a trial can see (a corrupt checkpoint
+    on resume, say), instead of raising, so Tune does not retry what cannot succeed.
+    """
+
+    def __init__(self):
+        self.invalid = False
+
+    def __call__(self, trial_id: str, result: dict) -> bool:
+        if result.get("invalid_input"):
+            self.invalid = True
+        return self.invalid
+
+    def stop_all(self) -> bool:
+        return self.invalid
 
 
 def _stage_run_config(cfg: dict, name: str) -> tune.RunConfig:
@@ -127,6 +239,7 @@ def _stage_run_config(cfg: dict, name: str) -> tune.RunConfig:
         storage_path=cfg["storage"]["path"] or cfg["output_dir"],
         failure_config=tune.FailureConfig(max_failures=cfg["tune"]["max_failures"]),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+        stop=StopOnInvalidInput(),
         verbose=1,
     )
 
@@ -137,23 +250,70 @@ def _fit(tuner: tune.Tuner):
         return tuner.fit()
 
 
-def _restorable(cfg: dict, name: str) -> str | None:
+def _restore(cfg: dict, name: str, trainable) -> tune.Tuner | None:
+    """Restore the stage's Tuner from its folder when resuming and Tune saved its state there.
+
+    Finished trials keep their results, trials that were running continue from their last
+    checkpoint, and errored trials resume from theirs (Tune's resume_errored).
+    """
     path = str(Path(cfg["storage"]["path"] or cfg["output_dir"]) / name)
-    if cfg["resume"] and tune.Tuner.can_restore(path):
-        return path
-    return None
+    if not (cfg["resume"] and tune.Tuner.can_restore(path)):
+        return None
+    log.info("%s stage: resuming %s", name, path)
+    return tune.Tuner.restore(
+        path, trainable, resume_unfinished=True, resume_errored=True, restart_errored=False
+    )
 
 
 def result_rows(grid) -> list[dict]:
-    """One row per trial: its config, last reported metrics and why it has no result, if so."""
+    """One row per trial: its config, last reported metrics and why it has no result, if so.
+
+    Raises ConfigError with the first trial's `invalid_input` message: bad input that the trial
+    met (see StopOnInvalidInput).
+    """
     rows = []
     for result in grid:
         m = dict(result.metrics or {})
-        failure = m.get("failure") or (repr(result.error) if result.error else None)
+        if m.get("invalid_input"):
+            raise ConfigError(m["invalid_input"])
+        failure = m.get("failure") or (_error_summary(result.error) if result.error else None)
         if not failure and not m.get("completed"):
             failure = "stopped before its last iteration (early stopping)"
-        rows.append({"config": result.config or {}, "metrics": m, "failure": failure})
+        rows.append(
+            {
+                "config": result.config or {},
+                "metrics": m,
+                "failure": failure,
+                "name": Path(result.path).name if result.path else "",
+                "errors": trial_errors(result.path),
+            }
+        )
     return rows
+
+
+def _error_summary(error: BaseException | str) -> str:
+    """The line of a trial's error that names the exception, without Ray's traceback."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    named = [line for line in lines if re.match(r"^[\w.]+(Error|Exception|Interrupt)\b", line)]
+    if named:
+        return named[-1]
+    return lines[0]
+
+
+def trial_errors(trial_path: str | None) -> list[str]:
+    """Summaries of every failure Tune recorded in the trial folder's error.txt, oldest first.
+
+    Tune appends one block per failure, retried or not, and keeps the file across resumes.
+    """
+    if not trial_path:
+        return []
+    path = Path(trial_path) / "error.txt"
+    if not path.is_file():
+        return []
+    blocks = re.split(r"^Failure # \d+ \(occurred at [^)]*\)\n", path.read_text(), flags=re.M)
+    return [_error_summary(block) for block in blocks if block.strip()]
 
 
 def run_search_stage(cfg: dict, tracking: dict, resources: dict) -> list[dict]:
@@ -168,21 +328,14 @@ def run_search_stage(cfg: dict, tracking: dict, resources: dict) -> list[dict]:
     trainable = tune.with_resources(
         tune.with_parameters(search_trial, launch=cfg, tracking=tracking), resources
     )
-    path = _restorable(cfg, "search")
-    if path:
-        log.info("search stage: resuming %s", path)
-        tuner = tune.Tuner.restore(path, trainable, resume_errored=True)
-    else:
-        optuna_search = OptunaSearch(
-            space=optuna_space(s["space"]),
-            metric="fid",
-            mode="min",
-            sampler=optuna.samplers.TPESampler(seed=s["seeds"][0]),
-        )
+    tuner = _restore(cfg, "search", trainable)
+    if tuner is None:
+        # The sampler's seed is the first search seed, so a launch repeats its configurations.
+        searcher = SeededSearch(s["space"], s["seeds"], s["seeds"][0], "fid", "min")
         tuner = tune.Tuner(
             trainable,
             tune_config=tune.TuneConfig(
-                search_alg=SeededSearch(optuna_search, s["seeds"], "fid", "min"),
+                search_alg=searcher,
                 num_samples=planned,
                 max_concurrent_trials=cfg["tune"]["max_concurrent"],
             ),
@@ -218,7 +371,7 @@ def select_candidates(cfg: dict, search_rows: list[dict]) -> list[dict]:
         entry["search_seeds"].append(int(row["config"]["seed"]))
         entry["search_device_seconds"] += float(m.get("device_seconds", 0.0))
     searched = list(merged.values())
-    if not cfg["retrain"]["genotypes"] and not searched:
+    if not searched and not (r["genotypes"] or r["baselines"]):
         raise RuntimeError("every search trial failed; see the search stage's errors above")
     if searched and r["top_k"] > len(searched):
         raise ConfigError(
@@ -249,22 +402,9 @@ def _fixed_candidate(label: str, source: str, generator, discriminator=None) -> 
 
 def _genotype_files(path: Path) -> list[dict]:
     """Candidates from a generator genotype file or the output folder of an earlier launch."""
-    if path.is_dir():
-        folder = path / "genotypes" if (path / "genotypes").is_dir() else path
-        files = sorted(folder.glob("*generator.json"))
-        if not files:
-            raise ConfigError(f"retrain.genotypes: no *generator.json files in {folder}")
-    elif path.is_file():
-        files = [path]
-    else:
-        raise ConfigError(f"retrain.genotypes: {path} does not exist")
     out = []
-    for file in files:
+    for file in genotype_files(path):
         g = load_genotype(file)
-        if g.network != "generator":
-            raise ConfigError(
-                f"retrain.genotypes: {file} holds a {g.network}, expected a generator"
-            )
         partner = file.with_name(file.name.replace("generator.json", "discriminator.json"))
         d = load_genotype(partner) if partner.is_file() and partner != file else None
         out.append(_fixed_candidate(f"file-{g.hash}", str(file), g, d))
@@ -296,11 +436,8 @@ def run_retrain_stage(cfg: dict, candidates: list[dict], tracking: dict, resourc
         tune.with_parameters(retrain_trial, launch=cfg, tracking=tracking, candidates=candidates),
         resources,
     )
-    path = _restorable(cfg, "retrain")
-    if path:
-        log.info("retrain stage: resuming %s", path)
-        tuner = tune.Tuner.restore(path, trainable, resume_errored=True)
-    else:
+    tuner = _restore(cfg, "retrain", trainable)
+    if tuner is None:
         scheduler = None
         if r["asha"]["enabled"]:
             evaluations = math.ceil(r["iterations"] / r["eval_every"])
@@ -412,33 +549,99 @@ def write_leaderboard(rows: list[dict], output_dir: str) -> tuple[Path, Path]:
 # The launch
 
 
-def failed_trials(stage: str, rows: list[dict]) -> list[str]:
-    return [
-        f"{stage} trial (seed {row['config'].get('seed')}): {row['failure']}"
-        for row in rows
-        if row["failure"]
-    ]
+HANDOFF_FILE = "handoff.json"
+HANDOFF_VERSION = 1
+MAX_TAG_LENGTH = 5000  # MLflow accepts tag values up to 8000 characters
+
+
+def trial_failures(stage: str, rows: list[dict]) -> tuple[list[str], list[str]]:
+    """Lines naming the trials that failed, and those that failed and recovered, with why."""
+    failed, recovered = [], []
+    for row in rows:
+        who = f"{stage} trial {row['name']} (seed {row['config'].get('seed')})"
+        errors = row.get("errors", [])
+        if row["failure"]:
+            failed.append(f"{who}: {row['failure']}")
+        elif errors:
+            recovered.append(f"{who} recovered after {len(errors)} failures; last: {errors[-1]}")
+    return failed, recovered
+
+
+def write_handoff(output_dir: Path, candidates: list[dict], failed: list, recovered: list):
+    """Save the hand-off, so that a resumed launch goes straight to the retrain stage."""
+    handoff = {
+        "version": HANDOFF_VERSION,
+        "candidates": candidates,
+        "search_failed": failed,
+        "search_recovered": recovered,
+    }
+    _write_atomic(output_dir / HANDOFF_FILE, json.dumps(handoff, indent=2))
+
+
+def read_handoff(output_dir: Path) -> dict | None:
+    """The hand-off of an earlier run of this launch, or None if its search stage did not end."""
+    path = output_dir / HANDOFF_FILE
+    if not path.is_file():
+        return None
+    try:
+        handoff = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as error:
+        raise ConfigError(
+            f"{path}: cannot read the hand-off ({error}); delete it to run the search stage again"
+        ) from None
+    if not isinstance(handoff, dict) or handoff.get("version") != HANDOFF_VERSION:
+        raise ConfigError(
+            f"{path}: not a hand-off of version {HANDOFF_VERSION}; delete it to run the search "
+            "stage again"
+        )
+    for index, candidate in enumerate(handoff["candidates"]):
+        where = f"{path} candidates[{index}]"
+        genotype_from_dict(candidate["generator"], where)
+        if candidate["discriminator"]:
+            genotype_from_dict(candidate["discriminator"], where)
+    return handoff
+
+
+def report_failures(tracker, failed: list[str], recovered: list[str]) -> None:
+    """Log the trials that failed or recovered, and tag the parent run with them."""
+    for line in failed:
+        log.warning("failed %s", line)
+    for line in recovered:
+        log.warning("retried %s", line)
+    tags = {"failed_trials": str(len(failed)), "retried_trials": str(len(recovered))}
+    if failed or recovered:
+        text = "\n".join(failed + recovered)
+        if len(text) > MAX_TAG_LENGTH:
+            text = text[: MAX_TAG_LENGTH - 20] + "\n... (cut; see the log)"
+        tags["trial_failures"] = text
+    tracker.set_tags(tags)
 
 
 def run_launch(cfg: dict, tracker) -> str:
     """Run both stages under the open parent run `tracker`; return the leaderboard as markdown.
 
     Ray must already be running (runner.launch starts or joins it), and cfg["resources"] must
-    already fit the cluster (runner.preflight).
+    already fit the cluster (runner.preflight). A resumed launch whose search stage ended reads
+    output_dir/handoff.json and goes straight to the retrain stage.
     """
     output_dir = Path(cfg["output_dir"])
     tracking = dict(tracker.handle)
     resources = {"cpu": cfg["resources"]["cpu"], "gpu": cfg["resources"]["gpu"]}
-    # Where the report finds this launch's runs.
-    keys = ("tracking_uri", "experiment_id", "parent_run_id")
-    _write_atomic(output_dir / "launch.json", json.dumps({k: tracking[k] for k in keys}, indent=2))
 
-    log.info("stage 1/2: search")
-    search_rows = run_search_stage(cfg, tracking, resources)
-    candidates = select_candidates(cfg, search_rows)
-    write_candidates(cfg, candidates)
-    for path in sorted((output_dir / "genotypes").glob("*.json")):
-        tracker.log_artifact(path, "genotypes")
+    handoff = read_handoff(output_dir) if cfg["resume"] else None
+    if handoff is None:
+        log.info("stage 1/2: search")
+        search_rows = run_search_stage(cfg, tracking, resources)
+        candidates = select_candidates(cfg, search_rows)
+        write_candidates(cfg, candidates)
+        for path in sorted((output_dir / "genotypes").glob("*.json")):
+            tracker.log_artifact(path, "genotypes")
+        search_failed, search_recovered = trial_failures("search", search_rows)
+        write_handoff(output_dir, candidates, search_failed, search_recovered)
+    else:
+        log.info("stage 1/2: search ended before; reading %s", output_dir / HANDOFF_FILE)
+        candidates = handoff["candidates"]
+        search_failed, search_recovered = handoff["search_failed"], handoff["search_recovered"]
     log.info("hand-off: %d genotypes to retrain", len(candidates))
 
     log.info("stage 2/2: retrain")
@@ -451,11 +654,8 @@ def run_launch(cfg: dict, tracker) -> str:
     except Exception as error:  # the leaderboard stands without its report
         log.warning("could not write the HTML report: %s", error)
 
-    failures = failed_trials("search", search_rows) + failed_trials("retrain", retrain_rows)
-    for line in failures:
-        log.warning("failed %s", line)
-    if failures:
-        tracker.set_tags({"failed_trials": str(len(failures))})
+    retrain_failed, retrain_recovered = trial_failures("retrain", retrain_rows)
+    report_failures(tracker, search_failed + retrain_failed, search_recovered + retrain_recovered)
     if not rows:
         raise RuntimeError("no retrain trial finished; see the failures above")
     return format_leaderboard(rows)

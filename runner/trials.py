@@ -20,7 +20,7 @@ from ray import tune
 from anas.checkpoint import load_checkpoint, save_checkpoint
 from anas.data import BatchStream, load_images
 from anas.diagrams import draw_edge_weights, draw_genotype
-from anas.errors import NonFiniteLossError
+from anas.errors import ConfigError, NonFiniteLossError
 from anas.genotypes import genotype_from_dict
 from anas.metrics import Evaluator, save_grid
 from anas.retrain import Retrain, RetrainSettings
@@ -125,8 +125,40 @@ def _log_diagrams(run: TrialRun, genotypes, folder: Path) -> None:
             run.log_artifact(path, f"diagrams/{folder.name}")
 
 
+def report_invalid_input(error: ConfigError) -> None:
+    """End the trial with bad input it met, for the driver to raise (see StopOnInvalidInput).
+
+    A retry would meet the same input, so the trial reports instead of raising.
+    """
+    message = " ".join(line.strip() for line in str(error).splitlines())
+    log.error("trial %s: %s", tune.get_context().get_trial_name(), message)
+    tune.report(
+        {
+            "fid": WORST_FID,
+            "invalid_input": message,
+            "failure": f"invalid input: {message}",
+            "completed": True,
+        }
+    )
+
+
 def search_trial(config: dict, launch: dict, tracking: dict) -> None:
     """One search trial: a supernet searched from `config["seed"]` with the sampled settings."""
+    try:
+        _search_trial(config, launch, tracking)
+    except ConfigError as error:
+        report_invalid_input(error)
+
+
+def retrain_trial(config: dict, launch: dict, tracking: dict, candidates: list) -> None:
+    """One retrain trial: candidate `config["candidate"]` trained from scratch with a seed."""
+    try:
+        _retrain_trial(config, launch, tracking, candidates)
+    except ConfigError as error:
+        report_invalid_input(error)
+
+
+def _search_trial(config: dict, launch: dict, tracking: dict) -> None:
     started = time.monotonic()
     seed = int(config["seed"])
     sampled = {k: v for k, v in config.items() if k != "seed"}
@@ -214,8 +246,7 @@ def search_trial(config: dict, launch: dict, tracking: dict) -> None:
         raise
 
 
-def retrain_trial(config: dict, launch: dict, tracking: dict, candidates: list) -> None:
-    """One retrain trial: candidate `config["candidate"]` trained from scratch with a seed."""
+def _retrain_trial(config: dict, launch: dict, tracking: dict, candidates: list) -> None:
     started = time.monotonic()
     seed = int(config["seed"])
     candidate = candidates[int(config["candidate"])]
