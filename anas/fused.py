@@ -120,7 +120,13 @@ def _crop_dead_taps(weight: torch.Tensor, dilation: int, size) -> tuple[torch.Te
     if keep[0] < radius or keep[1] < radius:
         rows = slice(radius - keep[0], radius + keep[0] + 1)
         cols = slice(radius - keep[1], radius + keep[1] + 1)
-        weight = weight[..., rows, cols]
+        # A slice has neither layout; copy it into the input's so the kernel is not reordered.
+        layout = (
+            torch.channels_last
+            if weight.is_contiguous(memory_format=torch.channels_last)
+            else torch.contiguous_format
+        )
+        weight = weight[..., rows, cols].contiguous(memory_format=layout)
     return weight, (dilation * keep[0], dilation * keep[1])
 
 
