@@ -16,15 +16,12 @@ from anas.networks import AutoGANDiscriminator, Discriminator, Generator
 from anas.retrain import Retrain, RetrainSettings
 
 # A loss whose generator term is NaN, to fail exactly the generator update.
-NAN_GENERATOR_LOSS = "nan-generator-test"
-if NAN_GENERATOR_LOSS not in LOSSES:
-    LOSSES.add(
-        NAN_GENERATOR_LOSS,
-        GANLoss(
-            d_loss=LOSSES.get("hinge").d_loss,
-            g_loss=lambda fake: fake.mean() * float("nan"),
-        ),
-    )
+# Hinge for D and NaN for G, set on a Retrain object directly so the loss registry that other
+# tests enumerate stays as shipped.
+NAN_GENERATOR_LOSS = GANLoss(
+    d_loss=LOSSES.get("hinge").d_loss,
+    g_loss=lambda fake: fake.mean() * float("nan"),
+)
 
 DIGITS = RetrainSettings(
     latent_dim=12,
@@ -217,7 +214,8 @@ def test_nan_stream_after_healthy_steps():
 
 
 def test_nan_generator_loss_raises():
-    retrain = make(replace(DIGITS, loss=NAN_GENERATOR_LOSS, n_critic=1))
+    retrain = make(replace(DIGITS, n_critic=1))
+    retrain.loss = NAN_GENERATOR_LOSS
     g_before, ema_before = parameters_of(retrain.G), snapshot(retrain.G_ema)
     with pytest.raises(NonFiniteLossError, match="g_loss is nan at generator update 1"):
         retrain.step(SeededStream(DIGITS))
@@ -229,7 +227,8 @@ def test_nan_generator_loss_raises():
 
 
 def test_nan_generator_loss_leaves_discriminator_trainable():
-    retrain = make(replace(DIGITS, loss=NAN_GENERATOR_LOSS, n_critic=1))
+    retrain = make(replace(DIGITS, n_critic=1))
+    retrain.loss = NAN_GENERATOR_LOSS
     with pytest.raises(NonFiniteLossError):
         retrain.step(SeededStream(DIGITS))
     assert all(p.requires_grad for p in retrain.D.parameters())
