@@ -36,6 +36,7 @@ from anas.genotypes import SHIPPED, load_genotype
 from anas.losses import LOSSES
 from anas.metrics import MetricSettings
 from experiments import CONFIG_DIR
+from runner.cluster import AUTH_MODES, check_storage_path
 
 CONFIG_NAME = "config"
 
@@ -195,6 +196,9 @@ class TuneSchema:
 @dataclass
 class RaySchema:
     address: str | None = _spec("an address string or null", _non_empty)
+    auth_mode: str = _spec(" or ".join(AUTH_MODES), lambda value: value in AUTH_MODES)
+    token_file: str | None = _spec("a file path or null", _non_empty, path=True)
+    ship_code: bool = _spec(BOOL)
 
 
 @dataclass
@@ -333,6 +337,7 @@ def validate(raw: dict, base_dir: str | Path | None = None) -> dict:
     _resolve_paths(LaunchSchema, cfg, Path(base_dir or os.getcwd()))
     if cfg["storage"]["path"] is None:
         cfg["storage"]["path"] = cfg["output_dir"]
+    check_storage_path(cfg["storage"]["path"])
     if cfg["mlflow"]["tracking_uri"] is not None:
         cfg["mlflow"]["tracking_uri"] = absolute_tracking_uri(
             cfg["mlflow"]["tracking_uri"], Path(base_dir or os.getcwd())
