@@ -1,9 +1,14 @@
 """Launch the search and retrain stages: `python runner/launch.py [KEY=VALUE ...]`.
 
 Also runnable as `python -m runner.launch` and as the console script `anas-launch`. A launch
-composes and validates the config, checks the MLflow store, starts or joins Ray, fits the
-per-trial resources to the cluster, writes output_dir/config.yaml, opens the MLflow parent run,
-runs both stages and prints the leaderboard to stdout. Progress goes to stderr.
+composes and validates the config, checks the MLflow store, decodes the dataset and reads the
+genotype files, starts or joins Ray, fits the per-trial resources to the cluster, writes
+output_dir/config.yaml, opens the MLflow parent run (recorded in output_dir/launch.json), runs
+both stages and prints the leaderboard to stdout. Progress goes to stderr.
+
+`resume=true output_dir=DIR` continues the launch in DIR with the config saved there: it reopens
+the same parent run, skips a search stage that ended (output_dir/handoff.json), keeps finished
+trials and continues interrupted or errored ones from their last checkpoints.
 
 Exit status: 0 on success; 2 on invalid input, with one line `error: <message>` on stderr;
 130 after Ctrl-C or SIGTERM; 1 on anything else, with its traceback.

@@ -238,6 +238,9 @@ def _stage_run_config(cfg: dict, name: str) -> tune.RunConfig:
         name=name,
         storage_path=cfg["storage"]["path"] or cfg["output_dir"],
         failure_config=tune.FailureConfig(max_failures=cfg["tune"]["max_failures"]),
+        # Tune saves its experiment state, which a resumed stage restores, at least after every
+        # num_to_keep-th checkpoint of a trial (ray/tune/execution/experiment_state.py, Ray
+        # 2.60), so an interrupted trial continues from its last or second-to-last checkpoint.
         checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
         stop=StopOnInvalidInput(),
         verbose=1,
