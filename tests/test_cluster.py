@@ -34,6 +34,8 @@ RAY = Path(sys.executable).with_name("ray")
 HEAD_IP, WORKER_IP = "127.0.0.2", "127.0.0.3"
 # A leftover token file that Ray itself cannot send (it aborts on it inside gRPC).
 STALE_TOKEN = b"stale\x01token\xff\n"
+# The smoke budget with one evaluation per trial, at its end, to save test time.
+ONE_EVALUATION = ("search.eval_every=20", "retrain.eval_every=40")
 NODE_START_TIMEOUT_S = 120
 NODE_STOP_TIMEOUT_S = 60
 
@@ -242,7 +244,12 @@ def test_local_launch_with_stale_token(tmp_path, anas_cache_dir):
     home = tmp_path / "home"
     stale = write_stale_token(home)
     result = run_launch(
-        tmp_path, home, "search.seeds=[0]", "retrain.seeds=[0]", f"cache_dir={anas_cache_dir}"
+        tmp_path,
+        home,
+        "search.seeds=[0]",
+        "retrain.seeds=[0]",
+        f"cache_dir={anas_cache_dir}",
+        *ONE_EVALUATION,
     )
     assert result.returncode == 0, result.stderr[-4000:]
     assert "| rank |" in result.stdout
@@ -419,6 +426,7 @@ def test_launch_on_two_nodes(ray_cluster, tmp_path, anas_cache_dir):
         f"storage.path={storage}",
         "output_dir=outputs/two-nodes",
         f"cache_dir={anas_cache_dir}",
+        *ONE_EVALUATION,
     )
     assert result.returncode == 0, result.stderr[-4000:]
     assert "| rank |" in result.stdout
