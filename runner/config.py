@@ -687,6 +687,9 @@ RESUME_KEYS = (
 )
 # Config groups: an override of one is compared through the name its file sets.
 GROUP_NAMES = {"exp": "exp_name", "budget": "budget_name"}
+# The hand-off of the search stage in output_dir. Until it exists, retrain.top_k has not been
+# used, so a resumed launch may change it (after a top_k the search could not meet, say).
+HANDOFF_FILE = "handoff.json"
 
 
 def override_keys(overrides: Sequence[str]) -> list[str]:
@@ -714,15 +717,17 @@ _ABSENT = object()
 def resumed_config(composed: dict, overrides: Sequence[str]) -> dict:
     """Return the saved config of the launch in composed["output_dir"], to be continued.
 
-    `composed` is composed from `overrides`. Overrides of RESUME_KEYS apply; any other override
-    must repeat the saved value. Raises ConfigError naming the first key that would change the
-    experiment.
+    `composed` is composed from `overrides`. Overrides of RESUME_KEYS, and of retrain.top_k
+    before the hand-off, apply; any other override must repeat the saved value. Raises
+    ConfigError naming the first key that would change the experiment.
     """
     path = Path(composed["output_dir"]) / "config.yaml"
     cfg = load_config(path)
     keys = override_keys(overrides)
+    before_handoff = not (path.parent / HANDOFF_FILE).exists()
+    allowed = [*RESUME_KEYS, "retrain.top_k"] if before_handoff else list(RESUME_KEYS)
     for key in keys:
-        if key in RESUME_KEYS:
+        if key in allowed:
             continue
         name = GROUP_NAMES.get(key, key)
         old, new = _lookup(cfg, name), _lookup(composed, name)
@@ -735,7 +740,7 @@ def resumed_config(composed: dict, overrides: Sequence[str]) -> dict:
             )
     if cfg["storage"]["path"] == cfg["output_dir"]:
         cfg["storage"]["path"] = composed["output_dir"]  # the launch folder may have been moved
-    for key in {"resume", "output_dir", *keys} & set(RESUME_KEYS):
+    for key in {"resume", "output_dir", *keys} & set(allowed):
         *parents, name = key.split(".")
         section, source = cfg, composed
         for part in parents:

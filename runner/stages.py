@@ -24,7 +24,7 @@ from ray.tune.stopper import Stopper
 
 from anas.errors import ConfigError
 from anas.genotypes import genotype_from_dict, load_genotype, load_shipped, save_genotype
-from runner.config import genotype_files
+from runner.config import HANDOFF_FILE, genotype_files
 from runner.report import write_report
 from runner.trials import WORST_FID, retrain_trial, search_trial
 
@@ -552,7 +552,6 @@ def write_leaderboard(rows: list[dict], output_dir: str) -> tuple[Path, Path]:
 # The launch
 
 
-HANDOFF_FILE = "handoff.json"
 HANDOFF_VERSION = 1
 MAX_TAG_LENGTH = 5000  # MLflow accepts tag values up to 8000 characters
 

@@ -24,6 +24,7 @@ from PIL import Image
 
 from anas.genotypes import SHIPPED, load_shipped
 from runner import launch
+from runner.config import HANDOFF_FILE, compose, resumed_config, save_config
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 LAUNCHER = REPOSITORY / "runner" / "launch.py"
@@ -387,3 +388,40 @@ def test_resume_rejects_changed_config(resumable, override, start):
     result = run_launcher(resumable, f"output_dir={resumable / 'run'}", "resume=true", override)
     check_rejected(result.returncode, result.stderr, start)
     assert running_runs(resumable) <= before
+
+
+# ---------------------------------------------------------------------------------------------
+# Which overrides a resumed launch accepts, checked on a saved config without running it.
+
+
+@pytest.fixture
+def saved_launch(tmp_path):
+    """A config saved in tmp_path/run as a launch saves it; return the composed config."""
+    cfg = compose([f"output_dir={tmp_path}/run", "tune.max_failures=2"], base_dir=tmp_path)
+    save_config(cfg, tmp_path / "run" / "config.yaml")
+    return cfg
+
+
+def resume_with(tmp_path: Path, *overrides: str) -> dict:
+    overrides = (f"output_dir={tmp_path}/run", "resume=true", *overrides)
+    return resumed_config(compose(overrides, base_dir=tmp_path), overrides)
+
+
+def test_resume_keeps_saved_values(tmp_path, saved_launch):
+    cfg = resume_with(tmp_path)
+    assert cfg["tune"]["max_failures"] == 2
+    assert cfg["resume"] is True
+
+
+def test_resume_applies_retry_override(tmp_path, saved_launch):
+    assert resume_with(tmp_path, "tune.max_failures=5")["tune"]["max_failures"] == 5
+
+
+def test_resume_top_k_before_handoff(tmp_path, saved_launch):
+    assert resume_with(tmp_path, "retrain.top_k=2")["retrain"]["top_k"] == 2
+
+
+def test_resume_top_k_after_handoff(tmp_path, saved_launch):
+    (tmp_path / "run" / HANDOFF_FILE).write_text("{}")
+    with pytest.raises(ValueError, match=r"^retrain\.top_k: a resumed launch keeps"):
+        resume_with(tmp_path, "retrain.top_k=2")
