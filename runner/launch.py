@@ -38,7 +38,7 @@ from runner.tracking import Tracker, check_tracking_store, resolve_tracking_uri 
 
 log = logging.getLogger("runner.launch")
 
-# Where the parent run of a launch is, in its output_dir; the report reads it too.
+# File in output_dir that records the launch's MLflow parent run; the report reads it too.
 LAUNCH_RECORD = "launch.json"
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 # Libraries that log routine steps at INFO (database migrations, Ray start-up) to the console.
@@ -120,7 +120,7 @@ def read_launch_record(output_dir: Path) -> dict | None:
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as error:
-        raise ConfigError(f"{path}: cannot read it ({error}); start a new launch") from None
+        raise ConfigError(f"{path}: invalid launch record ({error}); start a new launch") from None
     keys = ("tracking_uri", "experiment_id", "parent_run_id")
     if not isinstance(record, dict) or not all(isinstance(record.get(k), str) for k in keys):
         raise ConfigError(f"{path}: expected the keys {', '.join(keys)}; start a new launch")

@@ -258,6 +258,9 @@ def _restore(cfg: dict, name: str, trainable) -> tune.Tuner | None:
 
     Finished trials keep their results, trials that were running continue from their last
     checkpoint, and errored trials resume from theirs (Tune's resume_errored).
+
+    NOTE: Tune unpickles tuner.pkl and its experiment state from the stage folder, so resume
+    only launches whose output_dir you trust. The trial checkpoints contain tensors only.
     """
     path = str(Path(cfg["storage"]["path"] or cfg["output_dir"]) / name)
     if not (cfg["resume"] and tune.Tuner.can_restore(path)):
