@@ -28,7 +28,7 @@ MLFLOW = Path(sys.executable).with_name("mlflow")
 
 pytestmark = pytest.mark.services
 
-# A fresh database takes MLflow's schema migrations before /health answers.
+# On a fresh database, MLflow runs its schema migrations before /health responds.
 SERVER_START_TIMEOUT_S = 180
 SERVER_STOP_TIMEOUT_S = 30
 
@@ -38,7 +38,7 @@ SERVER_STOP_TIMEOUT_S = 30
 
 
 def psql_command() -> list[str]:
-    """psql as the database superuser: through runuser when root, else as the current user."""
+    """Return the psql command of the database superuser: runuser when root, else this user."""
     prefix = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
     return [*prefix, "psql", "-X", "-q", "-At", "-v", "ON_ERROR_STOP=1"]
 
@@ -71,7 +71,7 @@ def missing_postgres() -> str | None:
 
 @pytest.fixture
 def postgres_uri():
-    """Create a role and a database for one test; yield the SQLAlchemy URI of the database."""
+    """Create a role and a database for one test; yield the database's SQLAlchemy URI and name."""
     reason = missing_postgres()
     if reason and os.environ.get("CI"):
         pytest.fail(f"{reason}; .ci/run installs and starts PostgreSQL")
@@ -131,7 +131,9 @@ def wait_for_health(uri: str, process: subprocess.Popen, log: Path) -> None:
                 return
         except (urllib.error.URLError, OSError):
             time.sleep(1)
-    raise TimeoutError(f"mlflow server at {uri} did not answer /health: {log.read_text()[-3000:]}")
+    raise TimeoutError(
+        f"mlflow server at {uri} did not respond on /health: {log.read_text()[-3000:]}"
+    )
 
 
 @pytest.fixture
