@@ -175,7 +175,7 @@ class RetrainSchema:
 class MetricsSchema:
     extractor: str = _spec("a feature-extractor name", _non_empty)
     n_generated: int = _spec(POSITIVE_INT, _positive)
-    n_real: int = _spec(POSITIVE_INT, _positive)
+    n_real: int | None = _spec("a positive integer, or null for the whole reference split", _positive)
     inception_weights: str | None = _spec("a file path or null", _non_empty, path=True)
     search_n_generated: int = _spec(POSITIVE_INT, _positive)
 
@@ -575,7 +575,7 @@ def _check_sample_counts(metrics: dict) -> None:
     """Require the sample counts that KID needs: it averages over subsets of a fixed size."""
     size = MetricSettings().kid_subset_size
     for key in ("n_generated", "n_real"):
-        if metrics[key] < size:
+        if metrics[key] is not None and metrics[key] < size:
             raise ConfigError(
                 f"metrics.{key}: expected at least {size} (the KID subset size), got {metrics[key]}"
             )
