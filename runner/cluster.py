@@ -389,7 +389,8 @@ def check_nodes(cfg: dict, tracking_uri: str) -> None:
 
     Raises ConfigError naming the key of the first path that fails, with the node, and
     naming `ray.ship_code` when a node cannot import this project. NOTE: nodes that an
-    autoscaler adds later are not checked.
+    autoscaler adds later are not checked, and neither is a storage URI, because reaching
+    it needs the nodes' cloud credentials and network.
     """
     import ray
     from ray.exceptions import GetTimeoutError, RayError

@@ -31,6 +31,7 @@ pytestmark = pytest.mark.services
 # On a fresh database, MLflow runs its schema migrations before /health responds.
 SERVER_START_TIMEOUT_S = 180
 SERVER_STOP_TIMEOUT_S = 30
+STALE_TOKEN = b"stale\x01token\xff\n"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -190,12 +191,15 @@ def ray_tmpdir():
 def test_launch_logs_to_server(mlflow_server, tmp_path, ray_tmpdir, anas_cache_dir):
     cwd = tmp_path / "launch"
     cwd.mkdir()
+    # A leftover token file that Ray itself would read and abort on; the launch must ignore it.
+    stale_token = tmp_path / "home" / ".ray" / "auth_token"
+    stale_token.parent.mkdir(parents=True)
+    stale_token.write_bytes(STALE_TOKEN)
     env = {
-        key: value
-        for key, value in os.environ.items()
-        if not key.startswith(("MLFLOW_", "RAY_ADDRESS"))
+        key: value for key, value in os.environ.items() if not key.startswith(("MLFLOW_", "RAY_"))
     }
-    env |= {"RAY_TMPDIR": str(ray_tmpdir), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env |= {"HOME": str(tmp_path / "home"), "RAY_TMPDIR": str(ray_tmpdir)}
+    env |= {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     result = subprocess.run(
         [
             sys.executable,
@@ -256,3 +260,4 @@ def test_launch_logs_to_server(mlflow_server, tmp_path, ray_tmpdir, anas_cache_d
     # No process fell back to a local store in its working folder.
     strays = [*cwd.rglob("mlruns"), *cwd.rglob("mlartifacts"), *ray_tmpdir.rglob("mlruns")]
     assert not strays, f"local MLflow stores: {strays}"
+    assert stale_token.read_bytes() == STALE_TOKEN
