@@ -6,9 +6,9 @@ and `ray.token_file` select. It passes the MLFLOW_* variables of the launching p
 with `ray.ship_code`, this project's packages) to every trial through Ray's runtime environment.
 On a joined cluster it then checks from every node that the paths the trials use exist there.
 
-Ray 2.60 enables token authentication by default. A local `ray.init()` reads the token from
-$RAY_AUTH_TOKEN, $RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token and creates that file when no token
-exists (ray/_private/authentication/authentication_token_setup.py). A malformed leftover file
+Ray 2.60 enables token authentication by default for a local `ray.init()`, which reads the
+token from $RAY_AUTH_TOKEN, $RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token and creates that file when
+no token exists (ray/_private/authentication/authentication_token_setup.py). A malformed leftover file
 makes the driver abort inside gRPC ("Illegal header value"). So a local launch always gets a
 fresh token in $RAY_AUTH_TOKEN, which takes precedence over every token file.
 
@@ -85,7 +85,7 @@ def join_storage(base: str, *parts: str) -> str:
 
 
 def launch_storage(cfg: dict) -> str:
-    """Return the folder or URI that holds this launch's Ray Tune folders (search/, retrain/).
+    """Return the folder or URI that contains this launch's Ray Tune folders (search/, retrain/).
 
     With `storage.path` null it is output_dir. Otherwise it is
     <storage.path>/<exp_name>/<output_dir's name>, so launches sharing one storage.path do not
@@ -138,7 +138,7 @@ def ray_address(cfg: dict, environ: Mapping[str, str] | None = None) -> str | No
 def read_token(path: str | Path, key: str) -> str:
     """Return the token stored in `path`, stripped of surrounding whitespace.
 
-    Raises ConfigError naming `key` when the file is missing, unreadable, empty or holds
+    Raises ConfigError naming `key` when the file is missing, unreadable, empty or contains
     characters that Ray cannot send (anything but visible ASCII).
     """
     path = Path(path).expanduser()
@@ -164,7 +164,7 @@ def configure_auth(
     Starting a local Ray with `ray.auth_mode: token` uses `ray.token_file` when set, else a
     fresh random token, so a leftover ~/.ray/auth_token is never read. Joining a cluster uses
     `ray.token_file`, else $RAY_AUTH_TOKEN, $RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token, as Ray
-    does. Every token is checked before Ray sees it, because Ray aborts the process on a
+    does. Every token is checked before Ray reads it, because Ray aborts the process on a
     malformed one. The returned text names the source for error messages.
     """
     environ = os.environ if environ is None else environ
@@ -398,11 +398,16 @@ def check_nodes(cfg: dict, tracking_uri: str) -> None:
 
     marker_name = f"{NODE_CHECK_MARKER}{uuid.uuid4().hex}"
     checks = _node_checks(cfg, tracking_uri, marker_name)
-    markers = [Path(path) for _, path, kind in checks if kind == "marker"]
+    markers = {key: Path(path) for key, path, kind in checks if kind == "marker"}
     try:
-        for marker in markers:
-            marker.parent.mkdir(parents=True, exist_ok=True)
-            marker.write_text("written by the launcher to check that every node sees it\n")
+        for key, marker in markers.items():
+            try:
+                marker.parent.mkdir(parents=True, exist_ok=True)
+                marker.write_text("written by the launcher to check that every node sees it\n")
+            except OSError as error:
+                raise ConfigError(
+                    f"{key}: cannot write to {marker.parent}: {error.strerror}"
+                ) from None
         nodes = [node for node in ray.nodes() if node.get("Alive")]
         probe = ray.remote(num_cpus=0, max_retries=0)(probe_paths)
         pending = {
@@ -426,9 +431,10 @@ def check_nodes(cfg: dict, tracking_uri: str) -> None:
                     f"({type(error).__name__}: {str(error).splitlines()[0]}); install the "
                     "project on every node (the docker image does) or set ray.ship_code=true"
                 ) from None
-            for key, problem in problems:
+            if problems:
+                key, problem = problems[0]
                 raise ConfigError(f"{key}: on node {name}, {problem}; {NODE_CHECK_HINTS[key]}")
         log.info("checked the launch's paths on %d Ray nodes", len(nodes))
     finally:
-        for marker in markers:
+        for marker in markers.values():
             marker.unlink(missing_ok=True)

@@ -489,3 +489,45 @@ def test_wrong_token_rejected(ray_cluster, tmp_path):
     )
     assert result.returncode == 2, result.stderr[-4000:]
     assert "error: ray.token_file: the Ray cluster at" in result.stderr
+
+
+# Joins the cluster at argv[1] and runs the node check with the config of the overrides after it.
+CHECK_NODES = """
+import sys
+import ray
+from anas.errors import ConfigError
+from runner import cluster
+from runner.config import compose
+
+cfg = compose(sys.argv[2:])
+ray.init(address=sys.argv[1], include_dashboard=False, logging_level="WARNING")
+try:
+    cluster.check_nodes(cfg, "http://127.0.0.1:5000")
+    print("passed")
+except ConfigError as error:
+    print(error)
+"""
+
+
+@pytest.mark.slow
+def test_node_check_names_key(ray_cluster, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    result = subprocess.run(
+        [sys.executable, "-c", CHECK_NODES, ray_cluster.address]
+        + [f"output_root={tmp_path}/outputs", f"cache_dir={blocker}/cache"],
+        cwd=tmp_path,
+        env={
+            **launcher_env(tmp_path / "home"),
+            "PYTHONPATH": str(REPOSITORY),
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN": ray_cluster.token_file.read_text().strip(),
+        },
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    message = result.stdout.strip().splitlines()[-1]
+    assert message.startswith("cache_dir: on node 127.0.0."), message
+    assert f"cannot create {blocker}/cache" in message
