@@ -92,7 +92,7 @@ def killed_worker(tmp_path_factory, anas_cache_dir):
         f"output_dir={output_dir}",
         f"cache_dir={anas_cache_dir}",
         *SMALL,
-        "search.iterations=8",
+        "search.iterations=6",
         "search.eval_every=2",
         "tune.max_failures=1",
     )
