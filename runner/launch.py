@@ -188,6 +188,8 @@ def launch(overrides: list[str]) -> str:
             tracker = Tracker.reopen(cfg, record, str(output_dir / LAUNCH_RECORD))
         else:
             tracker = Tracker.start(cfg)
+            if cfg["resume"]:
+                tracker.close_earlier_parents(cfg["output_dir"])
         with tracker:
             if not record:
                 # Written first, so that a resumed launch finds this parent run again.

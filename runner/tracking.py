@@ -630,6 +630,31 @@ class Tracker(MlflowRun):
         log.info("MLflow: continuing parent run %s in %s (resume %d)", run_id, uri, resumes)
         return tracker
 
+    def close_earlier_parents(self, output_dir: str) -> list[str]:
+        """Mark RUNNING parent runs of earlier runs of the launch in `output_dir` KILLED.
+
+        A launch killed after it created its parent run but before it recorded the run in
+        launch.json leaves that run RUNNING; the resumed launch starts a new one and tags the
+        old one with `replaced_by`. Returns the ids closed ([] if the store is down).
+        """
+        query = f"tags.output_dir = '{output_dir}' and attributes.status = 'RUNNING'"
+        try:
+            runs = self.client.search_runs([self.experiment_id], query, max_results=100)
+            earlier = [
+                run.info.run_id
+                for run in runs
+                if run.info.run_id != self.run_id and MLFLOW_PARENT_RUN_ID not in run.data.tags
+            ]
+            for run_id in earlier:
+                self.client.set_tag(run_id, "replaced_by", self.run_id)
+                self.client.set_terminated(run_id, "KILLED")
+        except STORE_ERRORS as error:
+            log.warning("could not close earlier parent runs in %s: %s", self.tracking_uri, error)
+            return []
+        for run_id in earlier:
+            log.warning("marked parent run %s KILLED; run %s replaces it", run_id, self.run_id)
+        return earlier
+
     @property
     def record(self) -> dict[str, str]:
         """What output_dir/launch.json keeps: where the parent run is."""

@@ -223,3 +223,19 @@ def test_search_stage_not_repeated(launches):
 def test_search_stage_resumed(launches):
     cwd, _, _ = launches
     assert "search stage: resuming" in (cwd / "launch-2.log").read_text()
+
+
+def test_unrecorded_parent_closed(tmp_path, monkeypatch):
+    """A parent run that launch.json never recorded is closed when the launch resumes."""
+    from runner.config import compose
+    from runner.tracking import Tracker
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = compose([f"output_root={tmp_path}", f"output_dir={tmp_path}/run"], base_dir=tmp_path)
+    earlier = Tracker.start(cfg)  # left RUNNING, as by a launch killed at this point
+    with Tracker.start(cfg) as tracker:
+        closed = tracker.close_earlier_parents(cfg["output_dir"])
+    run = MlflowClient(earlier.tracking_uri).get_run(earlier.run_id)
+    assert closed == [earlier.run_id]
+    assert run.info.status == "KILLED"
+    assert run.data.tags["replaced_by"] == tracker.run_id
