@@ -27,6 +27,7 @@ if __package__ in (None, ""):
 
 from anas.errors import ConfigError  # noqa: E402
 from experiments import CONFIG_DIR  # noqa: E402
+from runner import cluster  # noqa: E402
 from runner.config import (  # noqa: E402
     check_genotype_files,
     compose,
@@ -74,21 +75,6 @@ def configure_logging() -> None:
 
 def _raise_interrupt(signum, frame) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
-
-
-def start_ray(cfg: dict) -> bool:
-    """Start a local Ray or join `ray.address`; return whether this process must shut it down."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    address = cfg["ray"]["address"]
-    try:
-        ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING)
-    except (ConnectionError, RuntimeError, ValueError) as error:
-        where = f"at {address!r}" if address else "locally"
-        raise ConfigError(f"ray.address: could not start or join Ray {where}: {error}") from None
-    return True
 
 
 def stop_ray() -> None:
@@ -172,7 +158,7 @@ def launch(overrides: list[str]) -> str:
     check_data(cfg)
     check_genotype_files(cfg)
 
-    started_ray = start_ray(cfg)
+    started_ray = cluster.connect(cfg, uri)
     try:
         cfg["resources"].update(check_resources(cfg))
         config_path = output_dir / "config.yaml"

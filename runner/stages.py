@@ -24,6 +24,7 @@ from ray.tune.stopper import Stopper
 
 from anas.errors import ConfigError
 from anas.genotypes import genotype_from_dict, load_genotype, load_shipped, save_genotype
+from runner.cluster import join_storage, launch_storage, read_storage_text
 from runner.config import HANDOFF_FILE, genotype_files
 from runner.report import write_report
 from runner.trials import WORST_FID, retrain_trial, search_trial
@@ -236,7 +237,7 @@ class StopOnInvalidInput(Stopper):
 def _stage_run_config(cfg: dict, name: str) -> tune.RunConfig:
     return tune.RunConfig(
         name=name,
-        storage_path=cfg["storage"]["path"] or cfg["output_dir"],
+        storage_path=launch_storage(cfg),
         failure_config=tune.FailureConfig(max_failures=cfg["tune"]["max_failures"]),
         # Tune saves its experiment state, which a resumed stage restores, at least after every
         # num_to_keep-th checkpoint of a trial (ray/tune/execution/experiment_state.py, Ray
@@ -262,7 +263,7 @@ def _restore(cfg: dict, name: str, trainable) -> tune.Tuner | None:
     NOTE: Tune unpickles tuner.pkl and its experiment state from the stage folder, so resume
     only launches whose output_dir you trust. The trial checkpoints contain tensors only.
     """
-    path = str(Path(cfg["storage"]["path"] or cfg["output_dir"]) / name)
+    path = join_storage(launch_storage(cfg), name)
     if not (cfg["resume"] and tune.Tuner.can_restore(path)):
         return None
     log.info("%s stage: resuming %s", name, path)
@@ -291,7 +292,7 @@ def result_rows(grid) -> list[dict]:
                 "metrics": m,
                 "failure": failure,
                 "name": Path(result.path).name if result.path else "",
-                "errors": trial_errors(result.path),
+                "errors": trial_errors(result.path, result.filesystem),
             }
         )
     return rows
@@ -308,17 +309,18 @@ def _error_summary(error: BaseException | str) -> str:
     return lines[0]
 
 
-def trial_errors(trial_path: str | None) -> list[str]:
+def trial_errors(trial_path: str | None, filesystem=None) -> list[str]:
     """Summaries of every failure Tune recorded in the trial folder's error.txt, oldest first.
 
     Tune appends one block per failure, retried or not, and keeps the file across resumes.
+    `filesystem` is the Tune result's pyarrow filesystem, for storage given as a URI.
     """
     if not trial_path:
         return []
-    path = Path(trial_path) / "error.txt"
-    if not path.is_file():
+    text = read_storage_text(f"{trial_path}/error.txt", filesystem)
+    if text is None:
         return []
-    blocks = re.split(r"^Failure # \d+ \(occurred at [^)]*\)\n", path.read_text(), flags=re.M)
+    blocks = re.split(r"^Failure # \d+ \(occurred at [^)]*\)\n", text, flags=re.M)
     return [_error_summary(block) for block in blocks if block.strip()]
 
 

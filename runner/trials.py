@@ -10,6 +10,7 @@ the hand-off works even when trial folders live on other nodes.
 import json
 import logging
 import math
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -25,6 +26,7 @@ from anas.genotypes import genotype_from_dict
 from anas.metrics import Evaluator, save_grid
 from anas.retrain import Retrain, RetrainSettings
 from anas.search import Search, SearchSettings
+from runner.cluster import node_id
 from runner.tracking import TrialRun
 
 log = logging.getLogger(__name__)
@@ -217,6 +219,7 @@ def _search_trial(config: dict, launch: dict, tracking: dict) -> None:
                 "mlflow_run_id": run.run_id,
                 "device_seconds": elapsed + time.monotonic() - started,
                 "device": str(device),
+                "node_id": node_id(),
                 "completed": step >= settings.iterations,
             }
             run.set_tags({"genotype_hash": genotype_g.hash})
@@ -244,6 +247,8 @@ def _search_trial(config: dict, launch: dict, tracking: dict) -> None:
     except BaseException:
         run.end("FAILED")
         raise
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _retrain_trial(config: dict, launch: dict, tracking: dict, candidates: list) -> None:
@@ -314,6 +319,7 @@ def _retrain_trial(config: dict, launch: dict, tracking: dict, candidates: list)
                 "mlflow_run_id": run.run_id,
                 "device_seconds": elapsed + time.monotonic() - started,
                 "device": str(device),
+                "node_id": node_id(),
                 "generator_parameters": counts["generator"],
                 "completed": retrain.done,
             }
@@ -336,3 +342,5 @@ def _retrain_trial(config: dict, launch: dict, tracking: dict, candidates: list)
     except BaseException:
         run.end("FAILED")
         raise
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
