@@ -46,30 +46,6 @@ def trial_device(launch: dict) -> torch.device:
     return torch.device("cpu")
 
 
-def search_settings(launch: dict, sampled: dict) -> SearchSettings:
-    s = {**launch["search"], **sampled}
-    return SearchSettings(
-        latent_dim=launch["model"]["latent_dim"],
-        g_channels=launch["model"]["g_channels"],
-        d_channels=launch["model"]["d_channels"],
-        img_size=launch["data"]["img_size"],
-        img_channels=launch["data"]["channels"],
-        batch_size=s["batch_size"],
-        n_critic=int(s["n_critic"]),
-        iterations=s["iterations"],
-        loss=s["loss"],
-        arch_lr=s["arch_lr"],
-        arch_betas=tuple(s["arch_betas"]),
-        arch_weight_decay=s["arch_weight_decay"],
-        g_lr=s["g_lr"],
-        d_lr=s["d_lr"],
-        betas=tuple(s["betas"]),
-        gumbel=s["gumbel"],
-        tau_max=s["tau_max"],
-        tau_min=s["tau_min"],
-    )
-
-
 def make_evaluator(launch: dict, device) -> Evaluator:
     m = launch["metrics"]
     return Evaluator(
@@ -165,7 +141,7 @@ def _search_trial(config: dict, launch: dict, tracking: dict) -> None:
     seed = int(config["seed"])
     sampled = {k: v for k, v in config.items() if k != "seed"}
     device = trial_device(launch)
-    settings = search_settings(launch, sampled)
+    settings = SearchSettings.from_config(launch, sampled)
     stream = BatchStream(load_images(launch["data"], "train", launch["cache_dir"]), seed, device)
     search = Search(settings, device, seed)
     evaluator = make_evaluator(launch, device)
