@@ -92,7 +92,9 @@ def killed_worker(tmp_path_factory, anas_cache_dir):
         f"output_dir={output_dir}",
         f"cache_dir={anas_cache_dir}",
         *SMALL,
-        "search.iterations=6",
+        # Long enough after the first checkpoint that the worker is still alive to be killed,
+        # also on a loaded machine.
+        "search.iterations=30",
         "search.eval_every=2",
         "tune.max_failures=1",
     )
@@ -100,10 +102,15 @@ def killed_worker(tmp_path_factory, anas_cache_dir):
     trial = checkpoint.parent
     pid = None
     while pid is None:
-        lines = (trial / "result.json").read_text().splitlines()
+        result = trial / "result.json"
+        lines = result.read_text().splitlines() if result.is_file() else []
         pid = json.loads(lines[0])["pid"] if lines else None
         time.sleep(0.2)
-    os.kill(pid, signal.SIGKILL)
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        process.kill()
+        pytest.fail(f"trial worker {pid} ended before the test could kill it")
     status, stdout, stderr = finish(process, cwd)
     return cwd, output_dir, trial.name, status, stderr
 
