@@ -94,7 +94,7 @@ def killed_worker(tmp_path_factory, anas_cache_dir):
         *SMALL,
         # Long enough after the first checkpoint that the worker is still alive to be killed,
         # also on a loaded machine.
-        "search.iterations=30",
+        "search.iterations=16",
         "search.eval_every=2",
         "tune.max_failures=1",
     )
