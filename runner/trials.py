@@ -120,6 +120,17 @@ def report_invalid_input(error: ConfigError) -> None:
     )
 
 
+def end_non_finite(run: TrialRun, stage: str, error: NonFiniteLossError) -> None:
+    """End a trial whose loss or metric became NaN or infinite, as the worst result.
+
+    A retry would repeat the NaN, so the trial reports instead of raising.
+    """
+    log.warning("%s trial %s stopped: %s", stage, tune.get_context().get_trial_name(), error)
+    run.set_tags({"failure": f"non-finite: {error}"})
+    run.end("FAILED")
+    tune.report({"fid": WORST_FID, "failure": f"non-finite: {error}", "completed": True})
+
+
 def search_trial(config: dict, launch: dict, tracking: dict) -> None:
     """One search trial: a supernet searched from `config["seed"]` with the sampled settings."""
     try:
@@ -215,11 +226,7 @@ def _search_trial(config: dict, launch: dict, tracking: dict) -> None:
         _log_diagrams(run, search.genotypes(), folder / "final")
         run.end("FINISHED")
     except NonFiniteLossError as error:
-        # A NaN repeats on retry, so the trial ends here, as the worst result.
-        log.warning("search trial %s stopped: %s", context.get_trial_name(), error)
-        run.set_tags({"failure": f"non-finite: {error}"})
-        run.end("FAILED")
-        tune.report({"fid": WORST_FID, "failure": f"non-finite: {error}", "completed": True})
+        end_non_finite(run, "search", error)
     except BaseException:
         run.end("FAILED")
         raise
@@ -311,10 +318,7 @@ def _retrain_trial(config: dict, launch: dict, tracking: dict, candidates: list)
         run.log_artifact(final, "checkpoint")
         run.end("FINISHED")
     except NonFiniteLossError as error:
-        log.warning("retrain trial %s stopped: %s", context.get_trial_name(), error)
-        run.set_tags({"failure": f"non-finite: {error}"})
-        run.end("FAILED")
-        tune.report({"fid": WORST_FID, "failure": f"non-finite: {error}", "completed": True})
+        end_non_finite(run, "retrain", error)
     except BaseException:
         run.end("FAILED")
         raise
