@@ -128,10 +128,11 @@ class Search:
         device: torch.device | str,
         seed: int,
         fused: bool = True,
-        channels_last: bool = False,
+        channels_last: bool = True,
     ):
         """`fused` False runs every candidate operation separately (the reference formulation);
-        `channels_last` stores images and kernels as (batch, height, width, channels)."""
+        `channels_last` stores images and kernels as (batch, height, width, channels), which
+        ran 2-10% faster on a 2-core CPU (benchmarks/search_step.py)."""
         self.settings = s = settings
         self.device = torch.device(device)
         self.loss = LOSSES.get(s.loss, key="search.loss")
