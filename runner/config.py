@@ -175,7 +175,9 @@ class RetrainSchema:
 class MetricsSchema:
     extractor: str = _spec("a feature-extractor name", _non_empty)
     n_generated: int = _spec(POSITIVE_INT, _positive)
-    n_real: int | None = _spec("a positive integer, or null for the whole reference split", _positive)
+    n_real: int | None = _spec(
+        "a positive integer, or null for the whole reference split", _positive
+    )
     inception_weights: str | None = _spec("a file path or null", _non_empty, path=True)
     search_n_generated: int = _spec(POSITIVE_INT, _positive)
 
