@@ -1,7 +1,7 @@
 """The one exception type for bad input anywhere in the project.
 
 Anything a user can get wrong (a config value, a file, a genotype) raises `ConfigError` with a
-message that names the key, file or value and says what to do. The launcher turns it into one
+message that names the key, file or value and what to do. The launcher turns it into one
 line on stderr and exit status 2; everything else is a bug and keeps its traceback.
 """
 
@@ -11,4 +11,4 @@ class ConfigError(ValueError):
 
 
 class NonFiniteLossError(RuntimeError):
-    """A loss or metric became NaN or infinite; the message says which and at what step."""
+    """A loss or metric became NaN or infinite; the message names which and at what step."""

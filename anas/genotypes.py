@@ -108,7 +108,7 @@ def genotype_from_dict(data: object, source: str = "genotype") -> Genotype:
 
 
 def find_disconnected_node(genotype: Genotype) -> tuple[int, str] | None:
-    """The first (cell, node) all of whose input edges are `none`, if any."""
+    """Return the first (cell, node) all of whose input edges are `none`, if any."""
     for i, cell in enumerate(genotype.cell_dicts):
         for node, edges in node_inputs(genotype.network).items():
             if all(cell[e.name] == "none" for e in edges):

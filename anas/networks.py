@@ -171,7 +171,7 @@ def mixing_weights(arch: nn.ParameterDict, network: str, tau=None, rng=None) -> 
 
 
 def arch_tables(arch: nn.ParameterDict, network: str) -> list[dict[str, torch.Tensor]]:
-    """The raw logits regrouped per cell, in the form anas.genotypes.derive reads."""
+    """Regroup the raw logits per cell, in the form anas.genotypes.derive reads."""
     return [
         {g.name: arch[f"cell{i}_{g.name}"] for g in edge_groups(network, i)}
         for i in range(NUM_CELLS[network])

@@ -40,7 +40,7 @@ FAMILIES: dict[str, Registry[OpSpec]] = {"normal": NORMAL_OPS, "up": UP_OPS, "do
 
 
 def conv2d(c_in, c_out, kernel, stride=1, dilation=1, sn=False, bias=True) -> nn.Conv2d:
-    """A convolution whose padding keeps the size (stride 1) or halves it (stride 2)."""
+    """Build a convolution whose padding keeps the size (stride 1) or halves it (stride 2)."""
     padding = dilation * (kernel - 1) // 2
     conv = nn.Conv2d(c_in, c_out, kernel, stride, padding, dilation=dilation, bias=bias)
     return spectral_norm(conv) if sn else conv

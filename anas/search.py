@@ -44,7 +44,7 @@ class SearchSettings:
     d_channels: int  # channels of every discriminator cell
     img_size: int  # image width and height in pixels, a multiple of 8 from 16 up
     img_channels: int  # 1 or 3
-    batch_size: int  # m: each update sees m samples, so an iteration draws 2m per phase
+    batch_size: int  # m: each update uses m samples, so an iteration draws 2m per phase
     n_critic: int  # discriminator phases per generator phase
     iterations: int  # length of the search, used by the temperature schedule
     loss: str  # a name in anas.losses.LOSSES
@@ -60,7 +60,7 @@ class SearchSettings:
 
     @classmethod
     def from_config(cls, config: Mapping, sampled: Mapping | None = None) -> "SearchSettings":
-        """Read the settings from a composed config (a plain nested dict); `sampled` holds
+        """Read the settings from a composed config (a plain nested dict); `sampled` contains
         values drawn for this trial that replace keys of the `search` section."""
         search = {**config["search"], **(sampled or {})}
         model, data = config["model"], config["data"]

@@ -61,7 +61,7 @@ VARIANTS = {
 
 
 def reference_step(search: Search, stream, optimizers: dict) -> None:
-    """One iteration of Algorithm 1, written the plain way on a Search built with fused=False."""
+    """Run one iteration of Algorithm 1 the plain way, on a Search built with fused=False."""
     s, G, D, loss = search.settings, search.G, search.D, search.loss
     m = s.batch_size
     nets = (G, D)

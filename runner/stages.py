@@ -353,7 +353,7 @@ def run_search_stage(cfg: dict, tracking: dict, resources: dict) -> list[dict]:
 
 
 def select_candidates(cfg: dict, search_rows: list[dict]) -> list[dict]:
-    """The best distinct searched genotypes, then baselines and genotype files."""
+    """Return the best distinct searched genotypes, then baselines and genotype files."""
     r = cfg["retrain"]
     with_d = r["discriminator"] == "searched"
     merged: dict[str, dict] = {}
@@ -521,7 +521,7 @@ def build_leaderboard(cfg: dict, candidates: list[dict], retrain_rows: list[dict
 
 
 def format_leaderboard(rows: list[dict]) -> str:
-    """The leaderboard as a markdown table."""
+    """Format the leaderboard as a markdown table."""
     header = "| " + " | ".join(LEADERBOARD_COLUMNS) + " |"
     rule = "|" + "|".join("---" for _ in LEADERBOARD_COLUMNS) + "|"
     lines = [header, rule]
@@ -658,7 +658,7 @@ def run_launch(cfg: dict, tracker) -> str:
     tracker.log_leaderboard(rows, [csv_path, md_path])
     try:
         tracker.log_artifact(write_report(cfg["output_dir"]))
-    except Exception as error:  # the leaderboard stands without its report
+    except Exception as error:  # the leaderboard is complete without its report
         log.warning("could not write the HTML report: %s", error)
 
     retrain_failed, retrain_recovered = trial_failures("retrain", retrain_rows)

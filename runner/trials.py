@@ -75,7 +75,7 @@ def report(metrics: dict, state: dict) -> None:
 
 
 def finite(metrics: dict) -> dict:
-    """The numeric entries of `metrics` that are finite."""
+    """Return the numeric entries of `metrics` that are finite."""
     return {
         k: float(v)
         for k, v in metrics.items()
@@ -132,7 +132,7 @@ def end_non_finite(run: TrialRun, stage: str, error: NonFiniteLossError) -> None
 
 
 def search_trial(config: dict, launch: dict, tracking: dict) -> None:
-    """One search trial: a supernet searched from `config["seed"]` with the sampled settings."""
+    """Run one search trial: a supernet searched from `config["seed"]` with sampled settings."""
     try:
         _search_trial(config, launch, tracking)
     except ConfigError as error:
@@ -140,7 +140,7 @@ def search_trial(config: dict, launch: dict, tracking: dict) -> None:
 
 
 def retrain_trial(config: dict, launch: dict, tracking: dict, candidates: list) -> None:
-    """One retrain trial: candidate `config["candidate"]` trained from scratch with a seed."""
+    """Run one retrain trial: candidate `config["candidate"]` trained from scratch."""
     try:
         _retrain_trial(config, launch, tracking, candidates)
     except ConfigError as error:
