@@ -88,17 +88,17 @@ class Cell(nn.Module):
             elif genotype_cell[edge.name] != "none":
                 op = genotype_cell[edge.name]
                 self.edges[edge.name] = build_op(edge.family, op, edge_in, c_out, sn, preact)
-        # Supernet edges leaving each source, merged into few kernels by anas.fused unless
-        # `fused` is switched off (the straightforward formulation, kept as the reference).
-        self.fused = genotype_cell is None
+        # Supernet edges leaving each source, which the network merges into few kernels
+        # (anas.fused) when every source's edges share one candidate list.
         self.out_edges: dict[str, list] = {}
         for edge in EDGES[network]:
             self.out_edges.setdefault(edge.source, []).append(edge)
-        for edges in self.out_edges.values() if self.fused else ():
-            if len({(e.family, tuple(self.edges[e.name].names)) for e in edges}) > 1:
-                self.fused = False  # merging needs one candidate list per source
+        self.mergeable = genotype_cell is None and all(
+            len({(e.family, tuple(self.edges[e.name].names)) for e in edges}) == 1
+            for edges in self.out_edges.values()
+        )
 
-    def _forward_fused(self, x, weights: CellWeights, extra) -> dict[str, torch.Tensor]:
+    def _forward_fused(self, x, weights: CellWeights, extra, kernels) -> dict[str, torch.Tensor]:
         values, outputs = {"x": x}, {}
 
         def run_edges_from(source: str) -> None:
@@ -107,7 +107,8 @@ class Cell(nn.Module):
                 return
             modules = [self.edges[e.name] for e in edges]
             rows = [weights[self.rows[e.name][0]][self.rows[e.name][1]] for e in edges]
-            results = fused.edge_outputs(edges[0].family, modules, rows, values[source])
+            merged = kernels.get(source)
+            results = fused.edge_outputs(edges[0].family, modules, rows, values[source], merged)
             outputs.update(zip((e.name for e in edges), results, strict=True))
 
         run_edges_from("x")
@@ -120,10 +121,16 @@ class Cell(nn.Module):
             run_edges_from(node)
         return values
 
-    def forward(self, x, weights: CellWeights | None = None, extra=None) -> dict[str, torch.Tensor]:
-        """Return every node's value; `extra` maps node names to tensors added to that node."""
-        if weights is not None and self.fused:
-            return self._forward_fused(x, weights, extra)
+    def forward(
+        self, x, weights: CellWeights | None = None, extra=None, kernels=None
+    ) -> dict[str, torch.Tensor]:
+        """Return every node's value; `extra` maps node names to tensors added to that node.
+
+        With `kernels` (this cell's entry of anas.fused.MergedConvs.kernels) the supernet runs
+        merged; otherwise every candidate runs on its own (MixedEdge).
+        """
+        if weights is not None and kernels is not None:
+            return self._forward_fused(x, weights, extra, kernels)
         values = {"x": x}
         for node, edges in self.nodes.items():
             total = extra.get(node) if extra else None
@@ -138,6 +145,24 @@ class Cell(nn.Module):
                 total = term if total is None else total + term
             values[node] = total
         return values
+
+
+class CellNetwork(nn.Module):
+    """Base of the generator and discriminator. As supernets they run their cells' convolution
+    candidates as merged kernels; `fused` False runs every candidate separately (MixedEdge), the
+    straightforward formulation that the merged path is tested against."""
+
+    def _plan_merging(self) -> None:
+        supernet = self.genotype is None and all(cell.mergeable for cell in self.cells)
+        self.merged = fused.MergedConvs(self.network, self.cells) if supernet else None
+        self.fused = self.merged is not None
+
+    def merged_kernels(self, weights: list[dict], packed=None) -> list[dict] | None:
+        """Merged convolutions for mixing weights `weights`, or None when not fused; `packed`
+        (from self.merged.pack()) lets several calls share one packing."""
+        if not self.fused or weights is None:
+            return None
+        return self.merged.kernels(weights, packed)
 
 
 def init_arch_weights(network: str, scale: float = 1e-3) -> nn.ParameterDict:
@@ -178,7 +203,7 @@ def arch_tables(arch: nn.ParameterDict, network: str) -> list[dict[str, torch.Te
     ]
 
 
-class Generator(nn.Module):
+class Generator(CellNetwork):
     """Three up-cells from a latent vector to an image in [-1, 1].
 
     The latent vector (batch, latent_dim) is split evenly across the cells; part i is projected
@@ -222,14 +247,19 @@ class Generator(nn.Module):
             nn.Tanh(),
         )
         self.alpha = init_arch_weights("generator") if genotype is None else None
+        self._plan_merging()
 
     @property
     def is_supernet(self) -> bool:
         return self.genotype is None
 
-    def forward(self, z: torch.Tensor, weights: list[dict] | None = None) -> torch.Tensor:
+    def forward(self, z: torch.Tensor, weights: list[dict] | None = None, kernels=None):
+        """Images for latent vectors z; a supernet mixes by `weights` (softmax of alpha if None)
+        and, when fused, by `kernels` (from merged_kernels, built here if None)."""
         if self.is_supernet and weights is None:
             weights = mixing_weights(self.alpha, "generator")
+        if kernels is None:
+            kernels = self.merged_kernels(weights)
         parts = z.split(self.latent_dim // len(self.cells), dim=1)
         h, node2s = None, []
         for i, cell in enumerate(self.cells):
@@ -243,13 +273,18 @@ class Generator(nn.Module):
                 extra = {
                     "node2": sum(conv(s) for conv, s in zip(self.skips[i], resized, strict=True))
                 }
-            nodes = cell(self.norms[i](h), None if weights is None else weights[i], extra)
+            nodes = cell(
+                self.norms[i](h),
+                None if weights is None else weights[i],
+                extra,
+                None if kernels is None else kernels[i],
+            )
             node2s.append(nodes["node2"])
             h = nodes["node3"]  # (B, C, 2w, 2w)
         return self.head(h)
 
 
-class Discriminator(nn.Module):
+class Discriminator(CellNetwork):
     """Four down-cells, each halving the width, then ReLU, sum pooling and a linear layer to one
     logit; every convolution and the linear layer are spectrally normalised."""
 
@@ -279,17 +314,23 @@ class Discriminator(nn.Module):
         )
         self.linear = spectral_norm(nn.Linear(channels, 1))
         self.beta = init_arch_weights("discriminator") if genotype is None else None
+        self._plan_merging()
 
     @property
     def is_supernet(self) -> bool:
         return self.genotype is None
 
-    def forward(self, x: torch.Tensor, weights: list[dict] | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, weights: list[dict] | None = None, kernels=None):
+        """Logits (B,) for images x; `weights` and `kernels` as in Generator.forward."""
         if self.is_supernet and weights is None:
             weights = mixing_weights(self.beta, "discriminator")
+        if kernels is None:
+            kernels = self.merged_kernels(weights)
         h = x
         for i, cell in enumerate(self.cells):
-            h = cell(h, None if weights is None else weights[i])["output"]  # (B, C, w/2, w/2)
+            cell_weights = None if weights is None else weights[i]
+            cell_kernels = None if kernels is None else kernels[i]
+            h = cell(h, cell_weights, None, cell_kernels)["output"]  # (B, C, w/2, w/2)
         h = F.relu(h).sum(dim=(2, 3))  # (B, C)
         return self.linear(h).squeeze(1)  # (B,)
 

@@ -103,20 +103,31 @@ def detached(weights: list[dict]) -> list[dict]:
 
 
 @contextlib.contextmanager
-def spectral_norm_once(net: torch.nn.Module, grad: bool):
-    """Compute every spectrally normalised weight of `net` once for the block, not per forward.
+def weights_once(net: torch.nn.Module, grad: bool):
+    """Compute `net`'s spectrally normalised weights, and a fused supernet's packed kernels
+    (anas.fused.MergedConvs.pack), once for the block instead of at every forward pass.
 
-    Each computation runs one power iteration, so this also sets how often the estimate of the
-    largest singular value moves: once per update instead of once per forward pass. With
-    `grad` False the weights are built without a graph, for updates that treat `net`'s weights
-    as constants.
+    Each spectral normalisation runs one power iteration, so this also sets how often the
+    estimate of the largest singular value moves: once per update instead of once per forward
+    pass. With `grad` False the weights are built without a graph, for updates that treat
+    `net`'s weights as constants.
     """
+    merged = net.merged if getattr(net, "fused", False) else None
+    packed_layers = {id(m) for m in merged.spectral_norm_modules()} if merged else set()
     with parametrize.cached():
         with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
             for module in net.modules():
+                if id(module) in packed_layers:
+                    continue
                 if parametrize.is_parametrized(module, "weight"):
                     module.weight  # noqa: B018 (fills the cache)
-        yield
+            if merged is not None:
+                merged.frozen = merged.pack()
+        try:
+            yield
+        finally:
+            if merged is not None:
+                merged.frozen = None
 
 
 class Search:
@@ -144,8 +155,8 @@ class Search:
             self.D = Discriminator(s.d_channels, s.img_size, s.img_channels)
         init_weights(self.G, init_rng)
         init_weights(self.D, init_rng)
-        for cell in [*self.G.cells, *self.D.cells]:
-            cell.fused = cell.fused and fused
+        self.G.fused = self.G.fused and fused
+        self.D.fused = self.D.fused and fused
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.G.to(self.device, memory_format=self.memory_format)
         self.D.to(self.device, memory_format=self.memory_format)
@@ -193,12 +204,12 @@ class Search:
 
     # One iteration of the algorithm
 
-    def _discriminate(self, real, fake, weights):
+    def _discriminate(self, real, fake, weights, kernels):
         """D on real and fake images in one batch, logits (m,) each.
 
         D has no batch statistics, so one forward over both halves equals two separate ones.
         """
-        logits = self.D(torch.cat([real, fake]), weights)  # (2m,)
+        logits = self.D(torch.cat([real, fake]), weights, kernels)  # (2m,)
         return logits.split([len(real), len(fake)])
 
     def step(self, stream) -> dict[str, float]:
@@ -212,26 +223,32 @@ class Search:
 
             # beta: the discriminator's architecture, on the first half. D's weights are
             # constants here, so their spectral normalisation runs once, without a graph.
-            with spectral_norm_once(D, grad=False):
-                loss = self.loss.d_loss(*self._discriminate(real[:m], fake[:m], self._weights(D)))
+            w = self._weights(D)
+            with weights_once(D, grad=False):
+                kernels = D.merged_kernels(w)
+                loss = self.loss.d_loss(*self._discriminate(real[:m], fake[:m], w, kernels))
             d_arch = self._update(loss, self.opt_beta, "discriminator architecture loss")
 
             # The discriminator's weights, on the other half.
             w = detached(self._weights(D))
-            with spectral_norm_once(D, grad=True):
-                loss = self.loss.d_loss(*self._discriminate(real[m:], fake[m:], w))
+            with weights_once(D, grad=True):
+                kernels = D.merged_kernels(w)
+                loss = self.loss.d_loss(*self._discriminate(real[m:], fake[m:], w, kernels))
             d_loss = self._update(loss, self.opt_D, "discriminator loss")
 
         z = self._randn(2 * m)
         d_weights = detached(self._weights(D))
-        # Both generator updates see D as a constant function of its input.
-        with spectral_norm_once(D, grad=False):
+        # Both generator updates see D as a constant function of its input, so they share its
+        # kernels, built once without a graph.
+        with weights_once(D, grad=False):
+            with torch.no_grad():
+                d_kernels = D.merged_kernels(d_weights)
             # alpha: the generator's architecture, on the first half.
-            loss = self.loss.g_loss(D(G(z[:m], self._weights(G)), d_weights))
+            loss = self.loss.g_loss(D(G(z[:m], self._weights(G)), d_weights, d_kernels))
             g_arch = self._update(loss, self.opt_alpha, "generator architecture loss")
 
             # The generator's weights, on the other half.
-            loss = self.loss.g_loss(D(G(z[m:], detached(self._weights(G))), d_weights))
+            loss = self.loss.g_loss(D(G(z[m:], detached(self._weights(G))), d_weights, d_kernels))
             g_loss = self._update(loss, self.opt_G, "generator loss")
 
         metrics = {"d_arch_loss": d_arch, "d_loss": d_loss, "g_arch_loss": g_arch, "g_loss": g_loss}
