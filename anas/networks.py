@@ -157,9 +157,13 @@ class CellNetwork(nn.Module):
         self.merged = fused.MergedConvs(self.network, self.cells) if supernet else None
         self.fused = self.merged is not None
 
+    def pack(self) -> dict | None:
+        """The packed kernels of anas.fused.MergedConvs.pack, or None when not fused."""
+        return self.merged.pack() if self.fused else None
+
     def merged_kernels(self, weights: list[dict], packed=None) -> list[dict] | None:
         """Merged convolutions for mixing weights `weights`, or None when not fused; `packed`
-        (from self.merged.pack()) lets several calls share one packing."""
+        (from `pack`) lets several calls share one packing."""
         if not self.fused or weights is None:
             return None
         return self.merged.kernels(weights, packed)

@@ -216,10 +216,18 @@ class Search:
         """Run one search iteration; `stream.next(n)` gives n real images in [-1, 1]."""
         m = self.settings.batch_size
         G, D = self.G, self.D
+        # G's weights stay fixed until its own weight update, so one packing of its kernels
+        # serves every fake batch of the critic steps and the alpha update.
+        with torch.no_grad():
+            g_packed = G.pack()
+
+        def generate(z, weights):
+            return G(z, weights, G.merged_kernels(weights, g_packed))
+
         for _ in range(self.settings.n_critic):
             real = self._layout(stream.next(2 * m).to(self.device))  # (2m, C, H, W)
             with torch.no_grad():
-                fake = G(self._randn(2 * m), self._weights(G))  # (2m, C, H, W)
+                fake = generate(self._randn(2 * m), self._weights(G))  # (2m, C, H, W)
 
             # beta: the discriminator's architecture, on the first half. D's weights are
             # constants here, so their spectral normalisation runs once, without a graph.
@@ -244,10 +252,10 @@ class Search:
             with torch.no_grad():
                 d_kernels = D.merged_kernels(d_weights)
             # alpha: the generator's architecture, on the first half.
-            loss = self.loss.g_loss(D(G(z[:m], self._weights(G)), d_weights, d_kernels))
+            loss = self.loss.g_loss(D(generate(z[:m], self._weights(G)), d_weights, d_kernels))
             g_arch = self._update(loss, self.opt_alpha, "generator architecture loss")
 
-            # The generator's weights, on the other half.
+            # The generator's weights, on the other half; G packs its kernels with a graph.
             loss = self.loss.g_loss(D(G(z[m:], detached(self._weights(G))), d_weights, d_kernels))
             g_loss = self._update(loss, self.opt_G, "generator loss")
 

@@ -10,6 +10,7 @@ import copy
 import pytest
 import torch
 
+from anas.fused import _conv_by_parity
 from anas.networks import Discriminator, Generator, mixing_weights
 from anas.search import weights_once
 
@@ -23,6 +24,7 @@ def set_fused(net: torch.nn.Module, fused: bool) -> None:
 def relative_error(a: torch.Tensor, b: torch.Tensor, scale: float) -> float:
     """|a - b| over |b|, with a floor of `scale` for tensors whose true gradient is about zero
     (a bias followed by BatchNorm)."""
+    a, b = a.detach(), b.detach()
     return float((a - b).norm() / max(float(b.norm()), scale))
 
 
@@ -114,3 +116,37 @@ def test_weights_once_matches_per_forward():
         once = [D(x), D(x)]
     assert torch.equal(once[0], once[1])
     assert torch.allclose(once[0], first, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("side,kernel", [(2, 3), (4, 3), (8, 5)])
+def test_parity_conv_matches_dilated(side, kernel):
+    torch.manual_seed(0)
+    x = torch.randn(3, 4, side, side, dtype=torch.float64)
+    weight = torch.randn(5, 4, kernel, kernel, dtype=torch.float64)
+    bias = torch.randn(5, dtype=torch.float64)
+    expected = torch.nn.functional.conv2d(x, weight, bias, 1, kernel - 1, 2)
+    out = _conv_by_parity(x, weight, bias, kernel)
+    assert out.shape == expected.shape
+    assert relative_error(out, expected, 1e-12) < TOLERANCE
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_packed_spectral_norm_state_matches(channels_last):
+    """Two forward passes: the second one reads the power iteration state the first wrote."""
+    torch.manual_seed(0)
+    D = Discriminator(8, 16, 3).double()
+    weights = mixing_weights(D.beta, "discriminator")
+    logits = {}
+    for fused in (False, True):
+        net = copy.deepcopy(D)
+        set_fused(net, fused)
+        if channels_last:
+            net.to(memory_format=torch.channels_last)
+        x = torch.randn(
+            4, 3, 16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(1)
+        )
+        net(x, weights)
+        logits[fused] = (net(x, weights), net.state_dict())
+    assert relative_error(logits[True][0], logits[False][0], 1e-12) < TOLERANCE
+    for name, buffer in logits[False][1].items():
+        assert relative_error(logits[True][1][name], buffer, 1e-12) < TOLERANCE, name
