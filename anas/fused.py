@@ -65,7 +65,7 @@ class SourceKernels:
                 # and oneDNN's stride-1 kernels ran 2.5x to 3x faster than the stride-2 dilated
                 # ones on a 2-core x86 CPU (16 channels, 8 to 32 px, forward and backward).
                 step = self.stride
-                sub = inp[..., ::step, ::step]
+                sub = _subsample(inp, step)
                 kernel, padding = _crop_dead_taps(kernel, dilation // step, size, sub.shape[-2:])
                 out = F.conv2d(sub, kernel, bias, 1, padding, dilation // step)
             elif self.stride == 1 and dilation == 2 and kernel.requires_grad and _small(inp):
@@ -82,6 +82,17 @@ class SourceKernels:
 # at 8x8 px, 16 channels, batch 32, one thread of a 2-core x86 CPU, and lost at 16x16 (2.1 ms
 # against 2.6 ms).
 PARITY_MAX_SIDE = 8
+
+
+def _subsample(x: torch.Tensor, step: int) -> torch.Tensor:
+    """x[..., ::step, ::step]. A channels-last x is sliced in its (B, H, W, C) view, because the
+    gradient of a slice is a zero-filled buffer in the contiguous layout of the sliced tensor:
+    this way it comes out channels-last, like every other gradient reaching x."""
+    b, c, h, w = x.shape
+    if h % step or w % step or not x.is_contiguous(memory_format=torch.channels_last):
+        return x[..., ::step, ::step]
+    nhwc = x.permute(0, 2, 3, 1).reshape(b, h // step, step, w // step, step, c)  # a view
+    return nhwc[:, :, 0, :, 0].permute(0, 3, 1, 2)
 
 
 def _small(x: torch.Tensor) -> bool:

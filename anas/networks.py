@@ -257,6 +257,13 @@ class Generator(CellNetwork):
     def is_supernet(self) -> bool:
         return self.genotype is None
 
+    @property
+    def _layout(self) -> torch.memory_format:
+        weight = self.head[2].weight  # (img_channels, C, 3, 3)
+        if weight.is_contiguous(memory_format=torch.channels_last):
+            return torch.channels_last
+        return torch.contiguous_format
+
     def forward(self, z: torch.Tensor, weights: list[dict] | None = None, kernels=None):
         """Images for latent vectors z; a supernet mixes by `weights` (softmax of alpha if None)
         and, when fused, by `kernels` (from merged_kernels, built here if None)."""
@@ -269,6 +276,9 @@ class Generator(CellNetwork):
         for i, cell in enumerate(self.cells):
             w = self.widths[i]
             projected = self.projections[i](parts[i]).view(-1, self.channels, w, w)  # (B, C, w, w)
+            # In the layout of the convolutions (channels-last in the search), so that no
+            # elementwise operation mixes layouts, which runs several times slower.
+            projected = projected.contiguous(memory_format=self._layout)
             h = projected if h is None else h + projected
             extra = None
             if node2s:
