@@ -51,6 +51,7 @@ class SourceKernels:
     stride: int
     preact: bool
     c_out: int
+    layout: torch.memory_format  # that of the packed kernels
 
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Each edge's convolution terms, (B, c_out, H', W') per edge."""
@@ -74,6 +75,9 @@ class SourceKernels:
                 kernel, padding = _crop_dead_taps(kernel, dilation, size, inp.shape[-2:])
                 out = F.conv2d(inp, kernel, bias, self.stride, padding, dilation)
             total = out if total is None else total + out
+        # A 1-channel image is both contiguous and channels-last, and convolutions of it come
+        # out contiguous; the rest of the network must not mix layouts (see anas.networks).
+        total = total.contiguous(memory_format=self.layout)
         return list(total.split(self.c_out, dim=1))
 
 
@@ -330,6 +334,7 @@ class MergedConvs:
             merged = merged.index_add(0, slots, weight * scale)  # (slots, c_out * k * k * c_in)
             bias = bias.new_zeros(bank.n_edges, bias.shape[1]).index_add(0, edges, bias * scale)
             c_out, size = bias.shape[1], bank.size
+            layout = torch.channels_last if bank.channels_last else torch.contiguous_format
             if bank.channels_last:
                 merged = merged.view(-1, c_out, size, size, c_in).permute(0, 1, 4, 2, 3)
             else:
@@ -347,7 +352,7 @@ class MergedConvs:
                     convs.append((kernel, dilation, k))
                     slot += 1
                 out[source.cell][source.name] = SourceKernels(
-                    convs, source_bias.reshape(-1), source.stride, source.preact, c_out
+                    convs, source_bias.reshape(-1), source.stride, source.preact, c_out, layout
                 )
         return out
 
