@@ -297,12 +297,11 @@ class MergedConvs:
             size, channels_last = bank.size, bank.channels_last
             parts = []
             for k, convs in bank.groups():
-                # Stack in the kernels' memory order, (n, c_out, k, k, c_in) for channels-last,
-                # so stacking is a plain copy and the packed rows need no reordering.
-                originals = [_original(conv) for conv in convs]
+                kernels = torch.stack([_original(conv) for conv in convs])
                 if channels_last:
-                    originals = [w.permute(0, 2, 3, 1) for w in originals]
-                kernels = torch.stack(originals)
+                    # Stacking keeps each kernel's strides, so in the order of memory,
+                    # (n, c_out, k, k, c_in), the stack is contiguous and needs no copy.
+                    kernels = kernels.permute(0, 1, 3, 4, 2)
                 if hasattr(convs[0], "parametrizations"):
                     kernels = _spectral_normalize(kernels, convs, channels_last)
                 pad = (size - k) // 2

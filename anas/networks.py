@@ -100,13 +100,14 @@ class Cell(nn.Module):
 
     def _forward_fused(self, x, weights: CellWeights, extra, kernels) -> dict[str, torch.Tensor]:
         values, outputs = {"x": x}, {}
+        rows_of = {group: table.unbind(0) for group, table in weights.items()}  # one op per group
 
         def run_edges_from(source: str) -> None:
             edges = self.out_edges.get(source, [])
             if not edges:
                 return
             modules = [self.edges[e.name] for e in edges]
-            rows = [weights[self.rows[e.name][0]][self.rows[e.name][1]] for e in edges]
+            rows = [rows_of[self.rows[e.name][0]][self.rows[e.name][1]] for e in edges]
             merged = kernels.get(source)
             results = fused.edge_outputs(edges[0].family, modules, rows, values[source], merged)
             outputs.update(zip((e.name for e in edges), results, strict=True))
