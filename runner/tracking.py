@@ -67,6 +67,10 @@ MAX_BUFFERED = 10_000  # operations kept per run while the store is unavailable
 MAX_PARAM_LENGTH = 250  # longer values (genotype blobs, long lists) are not logged as params
 PARAMS_PER_BATCH = 100  # MLflow's limit for one log_batch request
 METRICS_PER_BATCH = 1000
+# Maximum wait of a queued metric (MlflowRun.queue_metrics) before it is sent. Sending one
+# iteration's losses as a request of its own took 5 to 15 ms on a SQLite store (2-core CPU,
+# mlflow 3.17), and one request with 100 iterations' losses took about 0.2 s.
+METRIC_FLUSH_S = 10.0
 
 _LOG_IMAGE_TAKES_STEP = "step" in inspect.signature(MlflowClient.log_image).parameters
 
@@ -240,6 +244,8 @@ class MlflowRun:
         self._warned = False
         self.undelivered: Counter[str] = Counter()  # kind -> values that were never logged
         self._nonfinite: set[str] = set()
+        self._queued: list[Metric] = []  # see queue_metrics
+        self._queued_since = 0.0
         self._ended = False
         limit_http_retries(self.handle["request_timeout_s"])
 
@@ -336,6 +342,29 @@ class MlflowRun:
 
     def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
         """Log the finite numbers of `metrics` at `step`; tag the keys of NaN or inf values."""
+        self._send_metrics(self._metric_entries(metrics, step))
+
+    def queue_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
+        """Like log_metrics, but send the values later, together with other queued ones.
+
+        Queued values go out in one request when `flush_metrics` or `end` runs, when
+        METRICS_PER_BATCH values are waiting, or at the first call made METRIC_FLUSH_S seconds
+        or more after the oldest waiting value was queued. Each keeps its own step and
+        timestamp. Values still queued when the process dies are lost.
+        """
+        if not self._queued:
+            self._queued_since = time.monotonic()
+        self._queued.extend(self._metric_entries(metrics, step))
+        waited = time.monotonic() - self._queued_since
+        if len(self._queued) >= METRICS_PER_BATCH or waited >= METRIC_FLUSH_S:
+            self.flush_metrics()
+
+    def flush_metrics(self) -> None:
+        """Send the metrics that queue_metrics has queued."""
+        entries, self._queued = self._queued, []
+        self._send_metrics(entries)
+
+    def _metric_entries(self, metrics: Mapping[str, Any], step: int | None) -> list[Metric]:
         timestamp = _now_ms()
         entries, nonfinite = [], []
         for key, value in metrics.items():
@@ -347,6 +376,9 @@ class MlflowRun:
             entries.append(Metric(key, float(value), timestamp, int(step or 0)))
         if nonfinite:
             self._record_nonfinite(nonfinite, step)
+        return entries
+
+    def _send_metrics(self, entries: list[Metric]) -> None:
         for chunk in _chunks(entries, METRICS_PER_BATCH):
             self._deliver(
                 "metrics", len(chunk), lambda c, r, chunk=chunk: c.log_batch(r, metrics=chunk)
@@ -407,6 +439,7 @@ class MlflowRun:
         if self._ended:
             return dict(self.undelivered)
         self._ended = True
+        self.flush_metrics()
 
         # One last round of retries for the buffer, then the status.
         self._unavailable_until = 0.0

@@ -13,6 +13,7 @@ from mlflow import MlflowClient
 from PIL import Image
 
 from anas.errors import ConfigError
+from runner import tracking
 from runner.config import compose
 from runner.tracking import (
     NONFINITE_TAG,
@@ -175,6 +176,43 @@ def test_metrics_logged_by_step(cfg):
     history = client_for(tracker).get_metric_history(run.run_id, "g_loss")
     assert [(m.step, m.value) for m in history] == [(1, 0.1), (2, 0.2), (3, 0.3)]
     assert set(client_for(tracker).get_run(run.run_id).data.metrics) == {"g_loss"}
+
+
+def test_queued_metrics_sent_by_flush(cfg):
+    with Tracker.start(cfg) as tracker:
+        client = client_for(tracker)
+        run = open_trial(tracker)
+        for step in (1, 2, 3):
+            run.queue_metrics({"g_loss": step / 10, "d_loss": step / 5}, step)
+        before = client.get_metric_history(run.run_id, "g_loss")
+        run.flush_metrics()
+        after = client.get_metric_history(run.run_id, "g_loss")
+        run.end()
+    assert before == []
+    assert [(m.step, m.value) for m in after] == [(1, 0.1), (2, 0.2), (3, 0.3)]
+
+
+def test_queued_metrics_sent_by_end(cfg):
+    with Tracker.start(cfg) as tracker:
+        run = open_trial(tracker)
+        run.queue_metrics({"g_loss": 0.5}, 4)
+        run.queue_metrics({"g_loss": float("nan"), "d_loss": 0.25}, 5)
+        run.end("FAILED")
+    client = client_for(tracker)
+    history = client.get_metric_history(run.run_id, "g_loss")
+    assert [(m.step, m.value) for m in history] == [(4, 0.5)]
+    assert [m.step for m in client.get_metric_history(run.run_id, "d_loss")] == [5]
+    assert client.get_run(run.run_id).data.tags[NONFINITE_TAG] == "g_loss"
+
+
+def test_queued_metrics_sent_after_interval(cfg, monkeypatch):
+    monkeypatch.setattr(tracking, "METRIC_FLUSH_S", 0.0)
+    with Tracker.start(cfg) as tracker:
+        run = open_trial(tracker)
+        run.queue_metrics({"g_loss": 0.5}, 1)
+        history = client_for(tracker).get_metric_history(run.run_id, "g_loss")
+        run.end()
+    assert [(m.step, m.value) for m in history] == [(1, 0.5)]
 
 
 def test_nonfinite_metrics_skipped_and_tagged(cfg):
@@ -352,3 +390,41 @@ def test_buffered_metrics_delivered_later(cfg, store):
     history = client.get_metric_history(run.run_id, "fid")
     assert [(m.step, m.value) for m in history] == [(1, 9.0), (2, 8.0)]
     assert client.get_run(run.run_id).info.status == "FINISHED"
+
+
+def test_queued_metrics_survive_dead_server(caplog):
+    handle = {
+        "tracking_uri": f"http://127.0.0.1:{free_port()}",
+        "experiment_id": "1",
+        "parent_run_id": "0" * 32,
+        "max_retries": 1,
+        "request_timeout_s": 2,
+        "primary_metric": "fid",
+    }
+    caplog.set_level(logging.WARNING, logger="runner.tracking")
+    run = TrialRun.open(handle, "search", "trial_0", "id")
+    for step in range(5):
+        run.queue_metrics({"g_loss": 1.0, "d_loss": 2.0}, step)
+    undelivered = run.end("FINISHED")
+    assert undelivered["metrics"] == 10
+    assert any("could not log 10 metrics" in r.getMessage() for r in caplog.records)
+
+
+def test_queued_metrics_buffered_while_locked(cfg, store):
+    with Tracker.start(cfg) as tracker:
+        client = client_for(tracker)
+        run = open_trial(tracker)
+        run.handle["max_retries"] = 0
+        blocker = sqlite3.connect(store / "mlflow.db", timeout=1)
+        blocker.execute("BEGIN EXCLUSIVE")
+        try:
+            run.queue_metrics({"g_loss": 0.5}, 1)
+            run.queue_metrics({"g_loss": 0.4}, 2)
+            run.flush_metrics()
+        finally:
+            blocker.rollback()
+            blocker.close()
+        undelivered = run.end()
+    assert undelivered == {}
+    history = client.get_metric_history(run.run_id, "g_loss")
+    assert [(m.step, m.value) for m in history] == [(1, 0.5), (2, 0.4)]
