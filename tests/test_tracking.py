@@ -12,8 +12,10 @@ import pytest
 from mlflow import MlflowClient
 from PIL import Image
 
+from anas.diagrams import draw_genotype
 from anas.errors import ConfigError
-from runner import tracking
+from anas.search import Search, SearchSettings
+from runner import tracking, trials
 from runner.config import compose
 from runner.tracking import (
     NONFINITE_TAG,
@@ -213,6 +215,30 @@ def test_queued_metrics_sent_after_interval(cfg, monkeypatch):
         history = client_for(tracker).get_metric_history(run.run_id, "g_loss")
         run.end()
     assert [(m.step, m.value) for m in history] == [(1, 0.5)]
+
+
+def test_diagram_drawn_once_per_genotype(cfg, tmp_path, monkeypatch):
+    g, d = Search(SearchSettings.from_config(cfg), "cpu", 0).genotypes()
+    drawn = []
+
+    def draw(genotype, path_stem):
+        drawn.append(genotype.hash)
+        return draw_genotype(genotype, path_stem)
+
+    monkeypatch.setattr(trials, "draw_genotype", draw)
+    with Tracker.start(cfg) as tracker:
+        run = open_trial(tracker)
+        diagrams = trials.DiagramLog(run, tmp_path / "drawn")
+        diagrams.log((g,), "step000010")
+        diagrams.log((g, d), "step000020")
+        diagrams.log((g, d), "final")
+        run.end()
+    assert drawn == [g.hash, d.hash]
+    client = client_for(tracker)
+    expected = ["discriminator.png", "discriminator.svg", "generator.png", "generator.svg"]
+    for name in ("step000020", "final"):
+        artifacts = client.list_artifacts(run.run_id, f"diagrams/{name}")
+        assert sorted(Path(a.path).name for a in artifacts) == expected, name
 
 
 def test_nonfinite_metrics_skipped_and_tagged(cfg):
