@@ -48,6 +48,12 @@ LEADERBOARD_COLUMNS = [
     "mlflow_run_id",
 ]
 
+# A trial that starts in the worker process of a finished trial skips starting a process and
+# importing torch, MLflow and the project, about 8 s on a 2-core CPU. Reuse is safe because
+# the trial functions seed every random generator they use, set torch's thread count and leave
+# nothing in the process that changes the next trial's results.
+REUSE_ACTORS = True
+
 
 # Search space and the seeded searcher
 
@@ -346,6 +352,7 @@ def run_search_stage(cfg: dict, tracking: dict, resources: dict) -> list[dict]:
                 search_alg=searcher,
                 num_samples=planned,
                 max_concurrent_trials=cfg["tune"]["max_concurrent"],
+                reuse_actors=REUSE_ACTORS,
             ),
             run_config=_stage_run_config(cfg, "search"),
         )
@@ -466,6 +473,7 @@ def run_retrain_stage(cfg: dict, candidates: list[dict], tracking: dict, resourc
                 mode="min",
                 scheduler=scheduler,
                 max_concurrent_trials=cfg["tune"]["max_concurrent"],
+                reuse_actors=REUSE_ACTORS,
             ),
             run_config=_stage_run_config(cfg, "retrain"),
         )

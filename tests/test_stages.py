@@ -1,14 +1,18 @@
 """The hand-off between the stages and the leaderboard, on hand-made trial results."""
 
 import json
+from pathlib import Path
 
 import pytest
+import ray
 
 from anas.errors import ConfigError
 from anas.genotypes import genotype_from_dict, load_genotype, load_shipped
 from anas.search import Search, SearchSettings
+from runner import cluster, stages
 from runner.config import compose
-from runner.stages import build_leaderboard, select_candidates, write_candidates
+from runner.stages import build_leaderboard, run_search_stage, select_candidates, write_candidates
+from runner.tracking import Tracker, resolve_tracking_uri
 
 TINY = ["model.latent_dim=12", "model.g_channels=4", "model.d_channels=4"]
 
@@ -151,3 +155,47 @@ def test_leaderboard_sorted_by_fid_without_failures(cfg, genotype_pairs):
     assert board[0]["retrain_device_hours"] == pytest.approx(1.0)  # 0.5 h on 2 CPUs
     assert board[0]["search_device_hours"] == pytest.approx(2.0)
     assert board[0]["mlflow_run_id"] == "run-1-0"
+
+
+# ---------------------------------------------------------------------------------------------
+# A search trial that runs in the Ray worker of an earlier trial (Tune's reuse_actors).
+
+
+def search_results(cfg: dict, name: str, tracking: dict) -> dict[int, dict]:
+    """Run a search stage in output_dir/<name>; return each seed's last reported metrics."""
+    cfg = {**cfg, "output_dir": str(Path(cfg["output_dir"]) / name)}
+    rows = run_search_stage(cfg, tracking, {"cpu": 1, "gpu": 0})
+    assert [row["failure"] for row in rows] == [None, None]
+    return {int(row["config"]["seed"]): row["metrics"] for row in rows}
+
+
+@pytest.mark.slow
+def test_reused_worker_repeats_results(tmp_path, anas_cache_dir, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    small = [
+        "search.seeds=[0,1]",
+        "search.iterations=2",
+        "search.eval_every=1",
+        "metrics.search_n_generated=64",
+        "tune.max_concurrent=1",
+    ]
+    cfg = compose(
+        [*TINY, *small, f"cache_dir={anas_cache_dir}", f"output_root={tmp_path}"],
+        base_dir=tmp_path,
+    )
+    uri = resolve_tracking_uri(cfg)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    assert cluster.connect(cfg, uri)
+    try:
+        with Tracker.start(cfg) as tracker:
+            reused = search_results(cfg, "reused", dict(tracker.handle))
+            monkeypatch.setattr(stages, "REUSE_ACTORS", False)
+            fresh = search_results(cfg, "fresh", dict(tracker.handle))
+    finally:
+        ray.shutdown()
+    assert reused[0]["pid"] == reused[1]["pid"]
+    assert fresh[0]["pid"] != fresh[1]["pid"]
+    for seed in (0, 1):
+        assert reused[seed]["fid"] == fresh[seed]["fid"], seed
+        assert reused[seed]["genotype_generator"] == fresh[seed]["genotype_generator"], seed
+        assert reused[seed]["d_loss"] == fresh[seed]["d_loss"], seed
