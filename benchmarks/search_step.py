@@ -10,9 +10,11 @@ from the same seed on the same supernet parameters:
                    written as the research code writes it: D called once on real and once on
                    fake images, loss.backward() through everything, per-parameter Adam, spectral
                    normalisation recomputed at every forward pass (see `reference_step`)
-  project          anas.search.Search.step as the runner uses it: merged kernels (anas.fused),
-                   channels-last layout, one D pass over real and fake images, gradients of
-                   the updated group only, fused Adam, spectral normalisation once per update
+  project          anas.search.Search.step as the runner uses it: merged kernels (anas.fused)
+                   packed and mixed once per update for the whole network, with one batched
+                   spectral normalisation; stride-2 dilated and small dilated convolutions
+                   rewritten as undilated ones; channels-last layout; one D pass over real and
+                   fake images; gradients of the updated group only; fused Adam
 
 Two more rows separate the causes: "supernet only" runs Search.step with MixedEdge in NCHW, and
 "merged, NCHW" runs it with the merged kernels but without channels-last layout.
