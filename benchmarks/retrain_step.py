@@ -20,6 +20,7 @@ import time
 
 import torch
 
+from anas.allocator import keep_freed_memory
 from anas.genotypes import load_shipped
 from anas.retrain import Retrain, RetrainSettings
 from runner.config import compose
@@ -126,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    keep_freed_memory()  # as the runner's trials do
     for shape in args.shape or SHAPES:
         print(json.dumps(measure(shape, args)), flush=True)
     return 0

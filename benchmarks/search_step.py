@@ -46,6 +46,7 @@ from torch.utils.flop_counter import flop_registry
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from anas.allocator import keep_freed_memory  # noqa: E402
 from anas.search import Search, SearchSettings  # noqa: E402
 from runner.config import compose  # noqa: E402
 
@@ -193,6 +194,7 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, help="override search.batch_size (m)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    keep_freed_memory()  # as the runner's trials do
     device = torch.device(args.device)
 
     peak = conv_peak(device)
