@@ -25,10 +25,12 @@ thread, a loaded machine).
 
 Shapes are those of the real configs: the embedded default (exp=digits budget=smoke) and
 CIFAR-10 smoke (exp=cifar10 budget=smoke). Timing alternates the variants round by round and
-keeps the median, so a load that comes and goes on the machine hits both alike. FLOPs are
-those of the straightforward formulation (torch.utils.flop_counter), so "achieved GFLOP/s" is
-the work the straightforward step does divided by the project's time; the peak is the best
-GFLOP/s of one large convolution on this machine. Progress goes to stderr; results to stdout,
+keeps the median, so a load that comes and goes on the machine hits both alike; each round runs
+one untimed iteration of a variant before timing it, so no variant pays for reloading the
+caches after another. FLOPs are those of the straightforward formulation
+(torch.utils.flop_counter), so "achieved GFLOP/s" is the work the straightforward step does
+divided by the project's time; the peak is the best GFLOP/s of one large convolution on this
+machine. Progress goes to stderr; results to stdout,
 ending with `speedup_min=<X.XX>`, the smaller of the two speed-ups.
 """
 
@@ -132,8 +134,12 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_steps(step, steps: int, device, autocast: bool) -> float:
-    """Seconds per iteration of `step()` over `steps` iterations."""
+def time_steps(step, steps: int, device, autocast: bool, warmup: int = 1) -> float:
+    """Seconds per iteration of `step()` over `steps` iterations, after `warmup` untimed ones
+    that bring this variant's tensors back into the caches the previous variant used."""
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+        for _ in range(warmup):
+            step()
     synchronize(device)
     start = time.perf_counter()
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
