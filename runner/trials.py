@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from ray import tune
 
+from anas.allocator import keep_freed_memory
 from anas.checkpoint import load_checkpoint, save_checkpoint
 from anas.data import BatchStream, load_images
 from anas.diagrams import draw_edge_weights, draw_genotype
@@ -41,6 +42,7 @@ def trial_device(launch: dict) -> torch.device:
     """CUDA when Ray granted this trial a GPU (it sets CUDA_VISIBLE_DEVICES), else the CPU."""
     threads = max(1, int(launch["resources"]["cpu"]))
     torch.set_num_threads(threads)
+    keep_freed_memory()  # every step allocates the same buffers again
     if torch.cuda.is_available() and launch["resources"]["gpu"] > 0:
         return torch.device("cuda")
     return torch.device("cpu")
