@@ -20,10 +20,10 @@ Building the merged kernels one candidate at a time costs a few small tensor ope
 candidate, and a supernet has hundreds of candidates, so at small widths that bookkeeping
 rivals the convolutions themselves. `MergedConvs` therefore works on a whole network at once:
 `pack` stacks every convolution candidate's kernel (spectrally normalised in one batched power
-iteration where the network asks for it) into one matrix per input width, and `kernels` turns
-all mixing weights into one sparse-pattern matrix M, so every merged kernel of the network is
-one product M @ packed. A search update packs once and mixes once, whatever the number of
-forward passes it makes.
+iteration where the network requests it) into one matrix per input width, and `kernels`
+scales each row by its candidate's mixing weight and sums the rows of each merged kernel with
+one index_add. A search update packs once and mixes once, whatever the number of forward passes
+it makes.
 
 Parameters stay in the MixedEdge modules, so both paths share one state_dict and give the same
 outputs and gradients up to float rounding.
@@ -54,7 +54,7 @@ class SourceKernels:
     layout: torch.memory_format  # that of the packed kernels
 
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Each edge's convolution terms, (B, c_out, H', W') per edge."""
+        """Return each edge's convolution terms, (B, c_out, H', W') per edge."""
         inp = F.relu(x) if self.preact else x
         total = None
         for kernel, dilation, size in self.convs:
@@ -76,22 +76,24 @@ class SourceKernels:
                 out = F.conv2d(inp, kernel, bias, self.stride, padding, dilation)
             total = out if total is None else total + out
         # A 1-channel image is both contiguous and channels-last, and convolutions of it come
-        # out contiguous; the rest of the network must not mix layouts (see anas.networks).
+        # out contiguous. The rest of the network must not mix layouts (see anas.networks).
         total = total.contiguous(memory_format=self.layout)
         return list(total.split(self.c_out, dim=1))
 
 
 # Largest map on which a dilated convolution whose kernel needs a gradient runs by parity
-# (_conv_by_parity): oneDNN's weight gradient for dilation 2 took 2.8 ms against 1.0 ms that way
-# at 8x8 px, 16 channels, batch 32, one thread of a 2-core x86 CPU, and lost at 16x16 (2.1 ms
-# against 2.6 ms).
+# (_conv_by_parity). oneDNN's weight gradient for dilation 2 took 2.8 ms against 1.0 ms by
+# parity at 8x8 px (16 channels, batch 32, one thread of a 2-core x86 CPU). At 16x16 px parity
+# lost, 2.6 ms against 2.1 ms.
 PARITY_MAX_SIDE = 8
 
 
 def _subsample(x: torch.Tensor, step: int) -> torch.Tensor:
-    """x[..., ::step, ::step]. A channels-last x is sliced in its (B, H, W, C) view, because the
-    gradient of a slice is a zero-filled buffer in the contiguous layout of the sliced tensor:
-    this way it comes out channels-last, like every other gradient reaching x."""
+    """Return x[..., ::step, ::step], slicing a channels-last x in its (B, H, W, C) view.
+
+    The gradient of a slice is a zero-filled buffer in the contiguous layout of the sliced
+    tensor, so this way it comes out channels-last, like every other gradient reaching x.
+    """
     b, c, h, w = x.shape
     if h % step or w % step or not x.is_contiguous(memory_format=torch.channels_last):
         return x[..., ::step, ::step]
@@ -108,8 +110,8 @@ def _conv_by_parity(inp, kernel, bias, size) -> torch.Tensor:
     """Stride-1 convolution with dilation 2 as an undilated one over the 2x2 parity sub-images.
 
     A tap at an even offset connects pixels of the same row and column parity, so the four
-    sub-images (even rows and even columns, even rows and odd columns, ...) convolve
-    independently with the undilated kernel; they run as one batch 4x as large.
+    sub-images (even rows and even columns, even rows and odd columns, and so on) convolve
+    independently with the undilated kernel. They run as one batch 4x as large.
     """
     b, c, h, w = inp.shape
     sub = (
