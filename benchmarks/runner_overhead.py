@@ -1,22 +1,34 @@
-"""Runner overhead: the same short search trial through Ray Tune with MLflow and in a plain loop.
+"""Runner overhead: the search stage through Ray Tune and MLflow against a plain loop.
 
-    python benchmarks/runner_overhead.py [--seconds 20]
+    python benchmarks/runner_overhead.py [--seconds 20 | --iterations N]
 
-The trial is the embedded default's search step (exp=digits budget=smoke) repeated for a fixed
-number of iterations, calibrated so the plain loop takes about --seconds. Through the runner it
-also reports to Tune and checkpoints every `search.eval_every` iterations, and logs its losses
-at every iteration to an MLflow child run in a temporary SQLite store, as the real search trial
-does. Printed (stdout):
+The Tune side is the launcher's own search stage, `runner.stages.run_search_stage`, under an
+MLflow parent run from `runner.tracking.Tracker` and a Ray started by `runner.cluster.connect`,
+at the embedded default's sizes (exp=digits budget=smoke). `search.iterations` is calibrated so
+that the plain loop takes about --seconds, or set with --iterations to compare runs at the same
+number of evaluations. The trials are `runner.trials.search_trial`: they log every iteration's
+losses to MLflow and, every `search.eval_every` iterations, evaluate FID, report to Tune with a
+checkpoint and log genotypes, cell diagrams and a sample grid.
 
-  overhead per trial   Tune wall time of one trial run alone, minus the plain loop's time, and
-                       that difference as a share of a one-minute trial
-  concurrency          wall time of 2 trials one after the other over 2 trials side by side,
-                       each with 1 CPU and 1 torch thread, through the same Tuner
+The plain loop is the same trial without Ray, MLflow, checkpoints or pictures: the same
+configuration that the stage's Optuna searcher samples first, the same data stream, search
+steps and FID evaluations, in this process (where torch is already imported). Everything the
+Tune side spends beyond it counts as overhead. Printed (stdout):
 
-Starting Ray is paid once per launch and is printed separately.
+  overhead per trial   wall time of a search stage of one trial minus the plain loop's time,
+                       and that difference as a share of a one-minute trial; each time is the
+                       shorter of two runs, one before the other stages and one after them
+  amortised overhead   the same for a stage of 2 trials run one after the other (one slot),
+                       per trial
+  concurrency          wall time of that stage over the same 2 trials side by side, each with
+                       1 CPU and 1 torch thread (tune.max_concurrent=2)
+
+Starting Ray is paid once per launch and is printed separately. Figures depend on the machine
+and its load; run it twice and compare.
 """
 
 import argparse
+import logging
 import os
 import sys
 import tempfile
@@ -26,108 +38,138 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import ray  # noqa: E402
-import torch  # noqa: E402
-from ray import tune  # noqa: E402
 
+from anas.data import BatchStream, load_images  # noqa: E402
 from anas.search import Search, SearchSettings  # noqa: E402
+from runner import cluster  # noqa: E402
 from runner.config import compose  # noqa: E402
-from runner.tracking import Tracker, TrialRun  # noqa: E402
-from runner.trials import report  # noqa: E402
+from runner.launch import check_data  # noqa: E402
+from runner.stages import SeededSearch, run_search_stage  # noqa: E402
+from runner.tracking import Tracker, resolve_tracking_uri  # noqa: E402
+from runner.trials import make_evaluator, trial_device  # noqa: E402
 
 ONE_MINUTE = 60.0
 
 
-class RandomStream:
-    def __init__(self, settings: SearchSettings, seed: int):
-        self.shape = (settings.img_channels, settings.img_size, settings.img_size)
-        self.rng = torch.Generator().manual_seed(seed)
+def first_configuration(cfg: dict) -> dict:
+    """Return the hyperparameters the search stage's searcher gives its first trial."""
+    s = cfg["search"]
+    searcher = SeededSearch(s["space"], s["seeds"], s["seeds"][0], "fid", "min")
+    searcher.set_search_properties("fid", "min", {})
+    sampled = searcher.suggest("plain")
+    return {key: value for key, value in sampled.items() if key != "seed"}
 
-    def next(self, n: int) -> torch.Tensor:
-        return torch.rand((n, *self.shape), generator=self.rng) * 2 - 1
 
+def plain_loop(cfg: dict, sampled: dict, seed: int, iterations: int | None = None) -> float:
+    """Run the search trial's steps and FID evaluations without Tune or MLflow; return seconds.
 
-def plain_loop(settings: SearchSettings, iterations: int, seed: int = 0) -> float:
-    torch.set_num_threads(1)
+    `iterations` overrides `search.iterations` (used to time a few steps).
+    """
     start = time.perf_counter()
-    search, stream = Search(settings, "cpu", seed), RandomStream(settings, seed)
-    for _ in range(iterations):
+    device = trial_device(cfg)
+    settings = SearchSettings.from_config(cfg, sampled)
+    total = iterations or settings.iterations
+    stream = BatchStream(load_images(cfg["data"], "train", cfg["cache_dir"]), seed, device)
+    search = Search(settings, device, seed)
+    evaluator = make_evaluator(cfg, device)
+    n = cfg["metrics"]["search_n_generated"]
+    while search.iteration < total:
         search.step(stream)
+        step = search.iteration
+        if step % cfg["search"]["eval_every"] and step < total:
+            continue
+        evaluator.evaluate(lambda k: search.sample(k, seed), n, metrics=("fid",))
+        search.genotypes()
+        search.entropy()
     return time.perf_counter() - start
 
 
-def tune_trial(config: dict, settings: SearchSettings, tracking: dict, report_every: int) -> None:
-    torch.set_num_threads(1)
-    seed = config["seed"]
-    search, stream = Search(settings, "cpu", seed), RandomStream(settings, seed)
-    context = tune.get_context()
-    run = TrialRun.open(
-        tracking, "search", context.get_trial_name(), context.get_trial_id(), {"seed": seed}
+def stage(base: list[str], tmp: str, name: str, seeds: list[int], concurrent: int) -> dict:
+    """Compose the config of one search stage with its own output_dir."""
+    return compose(
+        [
+            *base,
+            f"output_dir={tmp}/{name}",
+            f"search.seeds=[{','.join(map(str, seeds))}]",
+            f"tune.max_concurrent={concurrent}",
+        ]
     )
-    for _ in range(config["iterations"]):
-        losses = search.step(stream)
-        run.log_metrics(losses, search.iteration)
-        if search.iteration % report_every == 0:
-            report({**losses, "completed": False}, {"search": search.state_dict()})
-    report({"completed": True}, {"search": search.state_dict()})
-    run.end("FINISHED")
 
 
-def run_tuner(settings, tracking, iterations, seeds, concurrent, storage, report_every) -> float:
-    trainable = tune.with_resources(
-        tune.with_parameters(
-            tune_trial, settings=settings, tracking=tracking, report_every=report_every
-        ),
-        {"cpu": 1},
-    )
-    tuner = tune.Tuner(
-        trainable,
-        param_space={"seed": tune.grid_search(seeds), "iterations": iterations},
-        tune_config=tune.TuneConfig(max_concurrent_trials=concurrent),
-        run_config=tune.RunConfig(storage_path=storage, verbose=0),
-    )
+def run_stage(cfg: dict, tracking: dict) -> float:
+    resources = {"cpu": cfg["resources"]["cpu"], "gpu": cfg["resources"]["gpu"]}
     start = time.perf_counter()
-    grid = tuner.fit()
+    rows = run_search_stage(cfg, tracking, resources)
     elapsed = time.perf_counter() - start
-    errors = [r.error for r in grid if r.error]
-    if errors:
-        raise RuntimeError(f"trials failed: {errors}")
+    failed = [row["failure"] for row in rows if row["failure"]]
+    if failed:
+        raise RuntimeError(f"search trials failed: {failed}")
     return elapsed
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=20.0, help="plain-loop length of a trial")
+    parser.add_argument(
+        "--iterations", type=int, help="search iterations per trial, instead of calibrating"
+    )
     args = parser.parse_args()
+    logging.basicConfig(stream=sys.stderr, level=logging.WARNING)
 
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = compose(["exp=digits", "budget=smoke", f"output_root={tmp}/outputs"], base_dir=tmp)
-        settings = SearchSettings.from_config(cfg)
-        report_every = cfg["search"]["eval_every"]
+        # cache_dir stays the config's, relative to the current directory as for
+        # `python runner/launch.py`, so decoded data, the feature extractor and reference
+        # statistics are reused across runs.
+        base = ["exp=digits", "budget=smoke", f"output_root={tmp}/outputs", "search.num_samples=1"]
+        cfg = stage(base, tmp, "calibration", [0], 1)
+        check_data(cfg)
+        make_evaluator(cfg, trial_device(cfg)).reference()  # fills the caches before timing
+        sampled = first_configuration(cfg)
 
-        # Calibrate the trial length on the plain loop.
-        per_iteration = plain_loop(settings, 3) / 3
-        iterations = max(report_every, round(args.seconds / per_iteration))
-        plain = plain_loop(settings, iterations)
-        print(f"trial: {iterations} search iterations, plain loop {plain:.2f} s")
+        # Calibrate the trial length on the plain loop, evaluations included: the difference
+        # of two lengths leaves out the set-up.
+        every = cfg["search"]["eval_every"]
+        iterations = args.iterations
+        if iterations is None:
+            short, long = (plain_loop(cfg, sampled, 0, k * every) for k in (1, 2))
+            per_iteration = max(long - short, 1e-3) / every
+            iterations = max(every, round((args.seconds - (2 * short - long)) / per_iteration))
+        base.append(f"search.iterations={iterations}")
+        cfg = stage(base, tmp, "plain", [0], 1)
+        print(f"trial: {iterations} search iterations, configuration {sampled}")
+        # The plain loop runs once before and once after the stages, and each figure uses the
+        # faster of two runs: the one that other processes on the machine disturbed less.
+        plain = [plain_loop(cfg, sampled, 0)]
 
+        uri = resolve_tracking_uri(cfg)
+        os.environ["MLFLOW_TRACKING_URI"] = uri
         start = time.perf_counter()
-        ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+        started_ray = cluster.connect(cfg, uri)
         print(f"ray start: {time.perf_counter() - start:.2f} s (once per launch)")
-        os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp}/outputs/mlflow.db"
         try:
             with Tracker.start(cfg) as tracker:
                 tracking = dict(tracker.handle)
-                common = (settings, tracking, iterations)
-                one = run_tuner(*common, [0], 1, f"{tmp}/one", report_every)
-                sequential = run_tuner(*common, [0, 1], 1, f"{tmp}/seq", report_every)
-                concurrent = run_tuner(*common, [0, 1], 2, f"{tmp}/conc", report_every)
+                # Optuna's sampler is seeded with the first search seed, so every stage here
+                # starts with seed 0 and samples the configuration of the plain loop.
+                single = [run_stage(stage(base, tmp, "single", [0], 1), tracking)]
+                sequential = run_stage(stage(base, tmp, "sequential", [0, 1], 1), tracking)
+                concurrent = run_stage(stage(base, tmp, "concurrent", [0, 1], 2), tracking)
+                single.append(run_stage(stage(base, tmp, "single_again", [0], 1), tracking))
         finally:
-            ray.shutdown()
+            if started_ray:
+                ray.shutdown()
+        plain.append(plain_loop(cfg, sampled, 1))  # the same configuration, at the same cost
 
-    overhead = one - plain
-    print(f"tune + mlflow, 1 trial: {one:.2f} s")
+    print(f"plain loop: {plain[0]:.2f} s (seed 0, before), {plain[1]:.2f} s (seed 1, after)")
+    overhead = min(single) - min(plain)
+    amortised = sequential / 2 - min(plain)
+    print(f"search stage, 1 trial (seed 0): {single[0]:.2f} s, again {single[1]:.2f} s")
     print(
         f"overhead per trial: {overhead:.2f} s = {overhead / ONE_MINUTE:.1%} of a one-minute trial"
+    )
+    print(
+        f"amortised overhead per trial (2 trials, one slot): {amortised:.2f} s = "
+        f"{amortised / ONE_MINUTE:.1%} of a one-minute trial"
     )
     print(f"2 trials sequential: {sequential:.2f} s, concurrent: {concurrent:.2f} s")
     print(f"concurrency_speedup={sequential / concurrent:.2f}")
