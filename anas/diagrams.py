@@ -3,18 +3,17 @@
 Everything draws with matplotlib's Agg canvas on a `Figure` of its own (never pyplot), so no
 window opens and no global plotting state changes. Cell diagrams use Graphviz when both its `dot`
 program and the `graphviz` Python package are installed, and a matplotlib drawing of the same
-graph otherwise.
+graph otherwise. The layout and colours come from `anas.svg`, which writes the SVG pictures that
+search trials log without matplotlib.
 """
 
 import functools
 import logging
-import math
 import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import matplotlib
-import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
@@ -23,26 +22,35 @@ from matplotlib.ticker import MaxNLocator
 
 from anas.errors import ConfigError
 from anas.genotypes import Genotype
-from anas.topology import EDGES, NETWORKS, NUM_CELLS, OUTPUT_NODE, candidates, node_inputs
+from anas.svg import (
+    CELL_GAP,
+    CELL_WIDTH,
+    FAMILY_COLOURS,
+    LINK_COLOUR,
+    NODE_SIZE,
+    NONE_COLOUR,
+    ROW_HEIGHT,
+    SKIP_COLOUR,
+    arc_midpoint,
+    bend,
+    cell_frame,
+    cell_title,
+    node_depths,
+    node_fill,
+    node_positions,
+    skip_bend,
+    skips,
+    thin_ticks,
+    title,
+    weight_tables,
+)
+from anas.topology import EDGES, OUTPUT_NODE
 
 log = logging.getLogger(__name__)
 
 ENGINES = ("graphviz", "matplotlib")
 
-# Edge colours by the registry an edge's operations come from.
-FAMILY_COLOURS = {"up": "#1f5fbf", "normal": "#222222", "down": "#b8332b"}
-NONE_COLOUR = "#9a9a9a"
-SKIP_COLOUR = "#2e8b57"
-LINK_COLOUR = "#666666"
-
-# Layout of the matplotlib drawing, in data units (one unit is INCHES_PER_UNIT inches).
-CELL_WIDTH = 4.6
-CELL_GAP = 1.6
-ROW_HEIGHT = 1.5  # vertical distance between node depths
-NODE_OFFSET = 1.3  # horizontal distance of side-by-side nodes from the cell's centre line
-NODE_SIZE = (1.15, 0.5)  # ellipse width and height
-CURVE = 0.5  # bend of an edge that skips a depth, as matplotlib's arc3 `rad`
-INCHES_PER_UNIT = 0.62
+INCHES_PER_UNIT = 0.62  # size of one layout unit in the matplotlib drawing
 
 
 # Cell diagrams
@@ -94,45 +102,6 @@ def _graphviz_available() -> bool:
     return True
 
 
-def _title(genotype: Genotype) -> str:
-    size = genotype.img_size
-    return f"{genotype.network} {genotype.hash} (searched at {size}x{size})"
-
-
-def _cell_title(genotype: Genotype, i: int) -> str:
-    if genotype.network == "generator":
-        width = genotype.img_size // 8 * 2**i
-        return f"cell {i}: {width} -> {2 * width} px"
-    width = genotype.img_size // 2**i
-    return f"cell {i}: {width} -> {width // 2} px"
-
-
-def _node_depths(network: str) -> dict[str, int]:
-    """Longest path from the cell input `x` to each node; node_inputs lists nodes in topological
-    order, so one pass suffices."""
-    depths = {"x": 0}
-    for node, edges in node_inputs(network).items():
-        depths[node] = 1 + max(depths[e.source] for e in edges)
-    return depths
-
-
-def _node_fill(node: str, output: str) -> str:
-    """Blue for the cell input, orange for the cell output, white for inner nodes."""
-    if node == "x":
-        return "#dde8f7"
-    if node == output:
-        return "#fde9c8"
-    return "white"
-
-
-def _skips(genotype: Genotype) -> list[tuple[int, int]]:
-    """(source cell, target cell) of each cross-scale skip between node2 outputs."""
-    if genotype.network != "generator":
-        return []
-    n = len(genotype.cells)
-    return [(j, i) for i in range(n) for j in range(i)]
-
-
 def _graphviz_source(genotype: Genotype):
     import graphviz
 
@@ -141,7 +110,7 @@ def _graphviz_source(genotype: Genotype):
         network,
         graph_attr={
             "rankdir": "LR",
-            "label": _title(genotype),
+            "label": title(genotype),
             "labelloc": "t",
             "fontname": "Helvetica",
             "fontsize": "16",
@@ -152,9 +121,9 @@ def _graphviz_source(genotype: Genotype):
     output = OUTPUT_NODE[network]
     for i, cell in enumerate(genotype.cell_dicts):
         with graph.subgraph(name=f"cluster_{i}") as sub:
-            sub.attr(label=_cell_title(genotype, i), style="rounded", color="gray60")
-            for node in _node_depths(network):
-                sub.node(f"c{i}_{node}", node, style="filled", fillcolor=_node_fill(node, output))
+            sub.attr(label=cell_title(genotype, i), style="rounded", color="gray60")
+            for node in node_depths(network):
+                sub.node(f"c{i}_{node}", node, style="filled", fillcolor=node_fill(node, output))
             for edge in EDGES[network]:
                 op = cell[edge.name]
                 colour = NONE_COLOUR if op == "none" else FAMILY_COLOURS[edge.family]
@@ -168,7 +137,7 @@ def _graphviz_source(genotype: Genotype):
                 )
         if i:
             graph.edge(f"c{i - 1}_{output}", f"c{i}_x", color=LINK_COLOUR, penwidth="2")
-    for source, target in _skips(genotype):
+    for source, target in skips(genotype):
         graph.edge(
             f"c{source}_node2",
             f"c{target}_node2",
@@ -182,53 +151,13 @@ def _graphviz_source(genotype: Genotype):
     return graph
 
 
-def _node_positions(network: str, left: float) -> dict[str, tuple[float, float]]:
-    """Nodes of one cell: depth runs downwards, nodes of equal depth sit side by side."""
-    by_depth: dict[int, list[str]] = {}
-    for node, depth in _node_depths(network).items():
-        by_depth.setdefault(depth, []).append(node)
-    centre = left + CELL_WIDTH / 2
-    positions = {}
-    for depth, nodes in by_depth.items():
-        for k, node in enumerate(nodes):
-            offset = (k - (len(nodes) - 1) / 2) * 2 * NODE_OFFSET
-            positions[node] = (centre + offset, -depth * ROW_HEIGHT)
-    return positions
-
-
-def _arc_midpoint(a, b, rad: float) -> tuple[float, float]:
-    """Midpoint of matplotlib's arc3 curve from a to b: a quadratic Bezier whose control point
-    sits `rad` times the chord length off the chord's middle."""
-    dx, dy = b[0] - a[0], b[1] - a[1]
-    return (a[0] + b[0]) / 2 + rad * dy / 2, (a[1] + b[1]) / 2 - rad * dx / 2
-
-
-def _bend(a, b, depth_span: int, centre: float) -> float:
-    """Straight for neighbouring depths, else a curve that bows away from the cell's centre so
-    it clears the nodes in between."""
-    if depth_span <= 1:
-        return 0.0
-    away = -1.0 if (a[0] + b[0]) / 2 <= centre else 1.0
-    x, _ = _arc_midpoint(a, b, CURVE)
-    return CURVE if (x - (a[0] + b[0]) / 2) * away > 0 else -CURVE
-
-
-def _skip_bend(cells_apart: int) -> float:
-    """Bend of a skip arc between node2s: it dips 0.9 units below node2 to pass between the
-    edge labels and node3, and further when it passes under the node3s of cells in between."""
-    dip = 0.9 if cells_apart == 1 else ROW_HEIGHT + 0.6
-    chord = cells_apart * (CELL_WIDTH + CELL_GAP)
-    return 2 * dip / chord
-
-
 def _matplotlib_cells(genotype: Genotype) -> Figure:
     network = genotype.network
     cells = genotype.cell_dicts
-    depths = _node_depths(network)
+    depths = node_depths(network)
     deepest = max(depths.values())
     output = OUTPUT_NODE[network]
-    top, bottom = 0.9, -deepest * ROW_HEIGHT - 0.9
-    width = len(cells) * CELL_WIDTH + (len(cells) - 1) * CELL_GAP
+    top, bottom, width = cell_frame(network)
     figure = Figure(figsize=((width + 1) * INCHES_PER_UNIT, (top - bottom + 2.2) * INCHES_PER_UNIT))
     FigureCanvasAgg(figure)
     ax = figure.add_axes((0.01, 0.12, 0.98, 0.8))
@@ -236,7 +165,7 @@ def _matplotlib_cells(genotype: Genotype) -> Figure:
     ax.set_ylim(bottom - 0.1, top + 0.5)
     ax.set_aspect("equal")
     ax.axis("off")
-    figure.suptitle(_title(genotype), fontsize=12)
+    figure.suptitle(title(genotype), fontsize=12)
 
     nodes: list[dict[str, Ellipse]] = []
     for i, cell in enumerate(cells):
@@ -251,11 +180,11 @@ def _matplotlib_cells(genotype: Genotype) -> Figure:
             edgecolor="#bbbbbb",
         )
         ax.add_patch(frame)
-        ax.text(left + CELL_WIDTH / 2, top + 0.2, _cell_title(genotype, i), ha="center", size=9)
-        positions = _node_positions(network, left)
+        ax.text(left + CELL_WIDTH / 2, top + 0.2, cell_title(genotype, i), ha="center", size=9)
+        positions = node_positions(network, left)
         patches = {}
         for node, (x, y) in positions.items():
-            fill = _node_fill(node, output)
+            fill = node_fill(node, output)
             patch = Ellipse((x, y), *NODE_SIZE, facecolor=fill, edgecolor="black", zorder=3)
             ax.add_patch(patch)
             ax.text(x, y, node, ha="center", va="center", size=8, zorder=4)
@@ -266,7 +195,7 @@ def _matplotlib_cells(genotype: Genotype) -> Figure:
         for edge in EDGES[network]:
             op = cell[edge.name]
             a, b = positions[edge.source], positions[edge.target]
-            rad = _bend(a, b, depths[edge.target] - depths[edge.source], left + CELL_WIDTH / 2)
+            rad = bend(a, b, depths[edge.target] - depths[edge.source], left + CELL_WIDTH / 2)
             colour = NONE_COLOUR if op == "none" else FAMILY_COLOURS[edge.family]
             arrow = FancyArrowPatch(
                 a,
@@ -282,7 +211,7 @@ def _matplotlib_cells(genotype: Genotype) -> Figure:
                 zorder=2,
             )
             ax.add_patch(arrow)
-            x, y = _arc_midpoint(a, b, rad)
+            x, y = arc_midpoint(a, b, rad)
             box = {"boxstyle": "round,pad=0.15", "facecolor": "white", "edgecolor": "none"}
             ax.text(x, y, op, ha="center", va="center", size=7, color=colour, bbox=box, zorder=5)
 
@@ -307,14 +236,14 @@ def _matplotlib_cells(genotype: Genotype) -> Figure:
                 color=LINK_COLOUR,
             )
 
-    for source, target in _skips(genotype):
+    for source, target in skips(genotype):
         ax.add_patch(
             FancyArrowPatch(
                 nodes[source]["node2"].center,
                 nodes[target]["node2"].center,
                 patchA=nodes[source]["node2"],
                 patchB=nodes[target]["node2"],
-                connectionstyle=f"arc3,rad={_skip_bend(target - source)}",
+                connectionstyle=f"arc3,rad={skip_bend(target - source)}",
                 arrowstyle="-|>",
                 mutation_scale=10,
                 color=SKIP_COLOUR,
@@ -336,7 +265,7 @@ def _legend(figure: Figure, genotype: Genotype) -> None:
         Line2D([], [], color=FAMILY_COLOURS[f], lw=1.3, label=f"{f} operation") for f in families
     ]
     handles.append(Line2D([], [], color=NONE_COLOUR, lw=1, ls="--", label="none (no edge)"))
-    if _skips(genotype):
+    if skips(genotype):
         label = "cross-scale skip (1x1 conv)"
         handles.append(Line2D([], [], color=SKIP_COLOUR, lw=1.1, ls=(0, (4, 2)), label=label))
     figure.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8, frameon=False)
@@ -352,12 +281,7 @@ def draw_edge_weights(history: Sequence[Mapping], network: str, path: str | Path
     rows are (edge, candidate operation), columns are the recorded steps, colour is the softmax
     weight of the operation on its edge.
     """
-    if network not in NETWORKS:
-        raise ConfigError(f"network: expected one of {', '.join(NETWORKS)}, got {network!r}")
-    if not history:
-        raise ValueError("edge-weight history is empty: nothing to draw")
-    steps = [int(entry["step"]) for entry in history]
-    panels = [_weight_table(history, network, i) for i in range(NUM_CELLS[network])]
+    steps, panels = weight_tables(history, network)
     rows = max(len(labels) for labels, _, _ in panels)
 
     panel_width = 2.6 + min(4.0, 0.25 * len(steps))
@@ -372,7 +296,7 @@ def draw_edge_weights(history: Sequence[Mapping], network: str, path: str | Path
         )
         ax.set_title(f"cell {i}", fontsize=10)
         ax.set_yticks(range(len(labels)), labels, fontsize=7)
-        ticks = _thin_ticks(len(steps), 8)
+        ticks = thin_ticks(len(steps), 8)
         ax.set_xticks(ticks, [str(steps[t]) for t in ticks], fontsize=7)
         ax.set_xlabel("step", fontsize=8)
         for bound in bounds:
@@ -384,34 +308,6 @@ def draw_edge_weights(history: Sequence[Mapping], network: str, path: str | Path
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110, bbox_inches="tight")
     return path
-
-
-def _weight_table(history, network: str, i: int):
-    """Row labels, the (rows, steps) matrix and the row indices where a new edge starts."""
-    labels, rows, bounds = [], [], []
-    for edge in EDGES[network]:
-        ops = candidates(network, i, edge)
-        if rows:
-            bounds.append(len(rows))
-        columns = []
-        for entry in history:
-            weights = entry["weights"][network][i][edge.name]
-            if len(weights) != len(ops):
-                raise ValueError(
-                    f"step {entry['step']}: {network} cell {i} edge {edge.name} has "
-                    f"{len(weights)} weights, expected {len(ops)} ({', '.join(ops)})"
-                )
-            columns.append(weights)
-        table = np.asarray(columns, dtype=float).T  # (ops, steps)
-        for op, row in zip(ops, table, strict=True):
-            labels.append(f"{edge.name}  {op}")
-            rows.append(row)
-    return labels, np.stack(rows), bounds
-
-
-def _thin_ticks(count: int, maximum: int) -> list[int]:
-    stride = max(1, math.ceil(count / maximum))
-    return list(range(0, count, stride))
 
 
 # Curves

@@ -21,12 +21,12 @@ from ray import tune
 from anas.allocator import keep_freed_memory
 from anas.checkpoint import load_checkpoint, save_checkpoint
 from anas.data import BatchStream, load_images
-from anas.diagrams import draw_edge_weights, draw_genotype
 from anas.errors import ConfigError, NonFiniteLossError
 from anas.genotypes import genotype_from_dict
 from anas.metrics import Evaluator, save_grid
 from anas.retrain import Retrain, RetrainSettings
 from anas.search import Search, SearchSettings
+from anas.svg import write_cells_svg, write_edge_weights_svg
 from runner.cluster import node_id
 from runner.tracking import TrialRun
 
@@ -98,26 +98,26 @@ def _log_grid(run: TrialRun, images: torch.Tensor, step: int, folder: Path) -> N
 
 
 class DiagramLog:
-    """Cell diagrams (PNG and SVG) of genotypes, logged under the run's diagrams/ artifacts.
+    """SVG cell diagrams of genotypes, logged under the run's diagrams/ artifacts.
 
     Each genotype is drawn once: logging one again, as a search does while its derived cells
-    stay the same and at its end, logs the files already drawn. Drawing one takes 0.5 to 1 s
-    with matplotlib on a 2-core CPU, as long as a search step at the smoke sizes.
+    stay the same and at its end, logs the file already written. The report draws PNG versions
+    of the leaderboard's genotypes with matplotlib, once per launch instead of per evaluation.
     """
 
     def __init__(self, run: TrialRun, folder: Path):
         self.run = run
         self.folder = folder
-        self.drawn: dict[str, list[Path]] = {}  # "<network>-<hash>" -> files
+        self.drawn: dict[str, Path] = {}  # "<network>-<hash>" -> file
 
     def log(self, genotypes, name: str) -> None:
         """Log the diagrams of `genotypes` under diagrams/<name>/, named after their network."""
         for genotype in genotypes:
             key = f"{genotype.network}-{genotype.hash}"
             if key not in self.drawn:
-                self.drawn[key] = draw_genotype(genotype, self.folder / key / genotype.network)
-            for path in self.drawn[key]:
-                self.run.log_artifact(path, f"diagrams/{name}")
+                path = self.folder / key / f"{genotype.network}.svg"
+                self.drawn[key] = write_cells_svg(genotype, path)
+            self.run.log_artifact(self.drawn[key], f"diagrams/{name}")
 
 
 def report_invalid_input(error: ConfigError) -> None:
@@ -241,7 +241,7 @@ def _search_trial(config: dict, launch: dict, tracking: dict) -> None:
         run.log_dict({"history": history}, "edge_weights.json")
         for network, name in (("generator", "alpha"), ("discriminator", "beta")):
             run.log_artifact(
-                draw_edge_weights(history, network, folder / f"{name}.png"), "diagrams"
+                write_edge_weights_svg(history, network, folder / f"{name}.svg"), "diagrams"
             )
         diagrams.log(search.genotypes(), "final")
         run.end("FINISHED")

@@ -12,9 +12,9 @@ import pytest
 from mlflow import MlflowClient
 from PIL import Image
 
-from anas.diagrams import draw_genotype
 from anas.errors import ConfigError
 from anas.search import Search, SearchSettings
+from anas.svg import write_cells_svg
 from runner import tracking, trials
 from runner.config import compose
 from runner.tracking import (
@@ -221,11 +221,11 @@ def test_diagram_drawn_once_per_genotype(cfg, tmp_path, monkeypatch):
     g, d = Search(SearchSettings.from_config(cfg), "cpu", 0).genotypes()
     drawn = []
 
-    def draw(genotype, path_stem):
+    def draw(genotype, path):
         drawn.append(genotype.hash)
-        return draw_genotype(genotype, path_stem)
+        return write_cells_svg(genotype, path)
 
-    monkeypatch.setattr(trials, "draw_genotype", draw)
+    monkeypatch.setattr(trials, "write_cells_svg", draw)
     with Tracker.start(cfg) as tracker:
         run = open_trial(tracker)
         diagrams = trials.DiagramLog(run, tmp_path / "drawn")
@@ -235,7 +235,7 @@ def test_diagram_drawn_once_per_genotype(cfg, tmp_path, monkeypatch):
         run.end()
     assert drawn == [g.hash, d.hash]
     client = client_for(tracker)
-    expected = ["discriminator.png", "discriminator.svg", "generator.png", "generator.svg"]
+    expected = ["discriminator.svg", "generator.svg"]
     for name in ("step000020", "final"):
         artifacts = client.list_artifacts(run.run_id, f"diagrams/{name}")
         assert sorted(Path(a.path).name for a in artifacts) == expected, name
