@@ -193,6 +193,7 @@ class ResourcesSchema:
 class TuneSchema:
     max_failures: int = _spec("an integer >= -1", _at_least(-1))
     max_concurrent: int | None = _spec("a positive integer or null", _positive)
+    checkpoint_interval_s: float = _spec("a float >= 0 (seconds)", _at_least(0))
 
 
 @dataclass
@@ -684,6 +685,7 @@ RESUME_KEYS = (
     "ray.address",
     "tune.max_failures",
     "tune.max_concurrent",
+    "tune.checkpoint_interval_s",
     "mlflow.request_timeout_s",
     "mlflow.max_retries",
 )

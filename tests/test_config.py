@@ -195,6 +195,7 @@ def test_genotype_paths_resolved(tmp_path):
         ("search.gumbel=maybe", "search.gumbel: expected true or false"),
         ("retrain.discriminator=other", "retrain.discriminator: expected searched or autogan"),
         ("tune.max_concurrent=0", "tune.max_concurrent: expected a positive integer or null"),
+        ("tune.checkpoint_interval_s=-1", "tune.checkpoint_interval_s: expected a float >= 0"),
         ("data=1", "data: expected a mapping"),
         ("exp_name=a/b", "exp_name: expected a name"),
         ("search.tau_min=10", "search.tau_min: expected a float no larger than search.tau_max"),

@@ -241,6 +241,23 @@ def test_diagram_drawn_once_per_genotype(cfg, tmp_path, monkeypatch):
         assert sorted(Path(a.path).name for a in artifacts) == expected, name
 
 
+@pytest.mark.parametrize(
+    ("interval", "times", "expected"),
+    [
+        (30.0, [0.0, 10.0, 29.0, 31.0, 40.0, 45.0], [True, False, False, True, False, True]),
+        (0.0, [0.0, 0.0, 1.0, 2.0], [True, True, True, True]),
+    ],
+    ids=["every_30_s", "every_report"],
+)
+def test_checkpoint_schedule(monkeypatch, interval, times, expected):
+    """The first report and the last (at 45 s) carry a checkpoint, others once per interval."""
+    schedule = trials.CheckpointSchedule(interval)
+    clock = iter(times)
+    monkeypatch.setattr(trials.time, "monotonic", lambda: next(clock))
+    final = [False] * (len(times) - 1) + [True]
+    assert [schedule.due(last) for last in final] == expected
+
+
 def test_nonfinite_metrics_skipped_and_tagged(cfg):
     with Tracker.start(cfg) as tracker:
         run = open_trial(tracker)
