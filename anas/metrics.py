@@ -128,6 +128,20 @@ class Evaluator:
         self._reference: dict[str, np.ndarray] | None = None
         self._reference_path: Path | None = None
 
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any], device: torch.device | str) -> "Evaluator":
+        """Build the evaluator of a launch config: its data, `metrics` section and cache_dir."""
+        m = cfg["metrics"]
+        return cls(
+            cfg["data"],
+            m["extractor"],
+            cfg["data"]["split"],
+            m["n_real"],
+            cfg["cache_dir"],
+            device,
+            inception_weights=m["inception_weights"],
+        )
     def protocol(self, n_generated: int) -> Protocol:
         return Protocol(
             self.weights.name,

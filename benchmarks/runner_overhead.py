@@ -7,29 +7,36 @@ MLflow parent run from `runner.tracking.Tracker` and a Ray started by `runner.cl
 at the embedded default's sizes (exp=digits budget=smoke). `search.iterations` is calibrated so
 that the plain loop takes about --seconds, or set with --iterations to compare runs at the same
 number of evaluations. The trials are `runner.trials.search_trial`: they log every iteration's
-losses to MLflow and, every `search.eval_every` iterations, evaluate FID, report to Tune with a
-checkpoint and log genotypes, cell diagrams and a sample grid.
+losses to MLflow and, every `search.eval_every` iterations, evaluate FID, report to Tune (with a
+checkpoint at the first and last report and every `tune.checkpoint_interval_s` seconds) and log
+genotypes, cell diagrams and a sample grid.
 
-The plain loop is the same trial without Ray, MLflow, checkpoints or pictures: the same
-configuration that the stage's Optuna searcher samples first, the same data stream, search
-steps and FID evaluations, in this process (where torch is already imported). Everything the
-Tune side spends beyond it counts as overhead. Printed (stdout):
+The plain loop (benchmarks/plain_search.py) is the same trial without Ray, MLflow, checkpoints
+or pictures: the configuration that the stage's Optuna searcher samples first, the same data
+stream, search steps and FID evaluations, in this process (where torch is already imported).
+Everything the Tune side spends beyond it counts as overhead. Printed (stdout):
 
   overhead per trial   wall time of a search stage of one trial minus the plain loop's time,
                        and that difference as a share of a one-minute trial; each time is the
                        shorter of two runs, one before the other stages and one after them
+  new process          the same against the plain loop run as a new Python process, whose time
+                       includes starting the interpreter and importing torch, torch-fidelity
+                       and the project, as a script without Ray would
   amortised overhead   the same for a stage of 2 trials run one after the other (one slot),
                        per trial
   concurrency          wall time of that stage over the same 2 trials side by side, each with
-                       1 CPU and 1 torch thread (tune.max_concurrent=2)
+                       1 CPU and 1 torch thread (tune.max_concurrent=2), and the CPU time the
+                       launching process (Tune's controller) used during each stage
 
 Starting Ray is paid once per launch and is printed separately. Figures depend on the machine
 and its load; run it twice and compare.
 """
 
 import argparse
+import json
 import logging
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -38,15 +45,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import ray  # noqa: E402
+from plain_search import plain_search  # noqa: E402
 
-from anas.data import BatchStream, load_images  # noqa: E402
-from anas.search import Search, SearchSettings  # noqa: E402
+from anas.metrics import Evaluator  # noqa: E402
 from runner import cluster  # noqa: E402
 from runner.config import compose  # noqa: E402
 from runner.launch import check_data  # noqa: E402
 from runner.stages import SeededSearch, run_search_stage  # noqa: E402
 from runner.tracking import Tracker, resolve_tracking_uri  # noqa: E402
-from runner.trials import make_evaluator, trial_device  # noqa: E402
+from runner.trials import trial_device  # noqa: E402
 
 ONE_MINUTE = 60.0
 
@@ -60,27 +67,12 @@ def first_configuration(cfg: dict) -> dict:
     return {key: value for key, value in sampled.items() if key != "seed"}
 
 
-def plain_loop(cfg: dict, sampled: dict, seed: int, iterations: int | None = None) -> float:
-    """Run the search trial's steps and FID evaluations without Tune or MLflow; return seconds.
-
-    `iterations` overrides `search.iterations` (used to time a few steps).
-    """
+def plain_process(cfg: dict, sampled: dict, seed: int) -> float:
+    """Run `plain_search` as a new Python process; return its wall time, start-up included."""
+    arguments = json.dumps({"cfg": cfg, "sampled": sampled, "seed": seed})
+    script = Path(__file__).with_name("plain_search.py")
     start = time.perf_counter()
-    device = trial_device(cfg)
-    settings = SearchSettings.from_config(cfg, sampled)
-    total = iterations or settings.iterations
-    stream = BatchStream(load_images(cfg["data"], "train", cfg["cache_dir"]), seed, device)
-    search = Search(settings, device, seed)
-    evaluator = make_evaluator(cfg, device)
-    n = cfg["metrics"]["search_n_generated"]
-    while search.iteration < total:
-        search.step(stream)
-        step = search.iteration
-        if step % cfg["search"]["eval_every"] and step < total:
-            continue
-        evaluator.evaluate(lambda k: search.sample(k, seed), n, metrics=("fid",))
-        search.genotypes()
-        search.entropy()
+    subprocess.run([sys.executable, str(script), arguments], check=True)
     return time.perf_counter() - start
 
 
@@ -96,11 +88,17 @@ def stage(base: list[str], tmp: str, name: str, seeds: list[int], concurrent: in
     )
 
 
+DRIVER_CPU: dict[str, float] = {}  # stage name -> CPU seconds of this process during it
+
+
 def run_stage(cfg: dict, tracking: dict) -> float:
+    """Run one search stage; return its wall time and record this process's CPU time."""
     resources = {"cpu": cfg["resources"]["cpu"], "gpu": cfg["resources"]["gpu"]}
+    cpu = time.process_time()
     start = time.perf_counter()
     rows = run_search_stage(cfg, tracking, resources)
     elapsed = time.perf_counter() - start
+    DRIVER_CPU[Path(cfg["output_dir"]).name] = time.process_time() - cpu
     failed = [row["failure"] for row in rows if row["failure"]]
     if failed:
         raise RuntimeError(f"search trials failed: {failed}")
@@ -123,7 +121,7 @@ def main() -> int:
         base = ["exp=digits", "budget=smoke", f"output_root={tmp}/outputs", "search.num_samples=1"]
         cfg = stage(base, tmp, "calibration", [0], 1)
         check_data(cfg)
-        make_evaluator(cfg, trial_device(cfg)).reference()  # fills the caches before timing
+        Evaluator.from_config(cfg, trial_device(cfg)).reference()  # fills the caches before timing
         sampled = first_configuration(cfg)
 
         # Calibrate the trial length on the plain loop, evaluations included: the difference
@@ -131,7 +129,7 @@ def main() -> int:
         every = cfg["search"]["eval_every"]
         iterations = args.iterations
         if iterations is None:
-            short, long = (plain_loop(cfg, sampled, 0, k * every) for k in (1, 2))
+            short, long = (plain_search(cfg, sampled, 0, k * every) for k in (1, 2))
             per_iteration = max(long - short, 1e-3) / every
             iterations = max(every, round((args.seconds - (2 * short - long)) / per_iteration))
         base.append(f"search.iterations={iterations}")
@@ -139,7 +137,8 @@ def main() -> int:
         print(f"trial: {iterations} search iterations, configuration {sampled}")
         # The plain loop runs once before and once after the stages, and each figure uses the
         # faster of two runs: the one that other processes on the machine disturbed less.
-        plain = [plain_loop(cfg, sampled, 0)]
+        plain = [plain_search(cfg, sampled, 0)]
+        fresh = [plain_process(cfg, sampled, 0)]
 
         uri = resolve_tracking_uri(cfg)
         os.environ["MLFLOW_TRACKING_URI"] = uri
@@ -158,20 +157,29 @@ def main() -> int:
         finally:
             if started_ray:
                 ray.shutdown()
-        plain.append(plain_loop(cfg, sampled, 1))  # the same configuration, at the same cost
+        plain.append(plain_search(cfg, sampled, 1))  # the same configuration, at the same cost
+        fresh.append(plain_process(cfg, sampled, 1))
 
     print(f"plain loop: {plain[0]:.2f} s (seed 0, before), {plain[1]:.2f} s (seed 1, after)")
     overhead = min(single) - min(plain)
     amortised = sequential / 2 - min(plain)
+    against_process = min(single) - min(fresh)
+    print(f"plain loop, new process: {fresh[0]:.2f} s (before), {fresh[1]:.2f} s (after)")
     print(f"search stage, 1 trial (seed 0): {single[0]:.2f} s, again {single[1]:.2f} s")
     print(
         f"overhead per trial: {overhead:.2f} s = {overhead / ONE_MINUTE:.1%} of a one-minute trial"
+    )
+    print(
+        f"overhead per trial against a new process: {against_process:.2f} s = "
+        f"{against_process / ONE_MINUTE:.1%} of a one-minute trial"
     )
     print(
         f"amortised overhead per trial (2 trials, one slot): {amortised:.2f} s = "
         f"{amortised / ONE_MINUTE:.1%} of a one-minute trial"
     )
     print(f"2 trials sequential: {sequential:.2f} s, concurrent: {concurrent:.2f} s")
+    used = ", ".join(f"{name} {seconds:.2f} s" for name, seconds in DRIVER_CPU.items())
+    print(f"CPU time of the driver process during each stage: {used}")
     print(f"concurrency_speedup={sequential / concurrent:.2f}")
     return 0
 

@@ -50,19 +50,6 @@ def trial_device(launch: dict) -> torch.device:
     return torch.device("cpu")
 
 
-def make_evaluator(launch: dict, device) -> Evaluator:
-    m = launch["metrics"]
-    return Evaluator(
-        launch["data"],
-        m["extractor"],
-        launch["data"]["split"],
-        m["n_real"],
-        launch["cache_dir"],
-        device,
-        inception_weights=m["inception_weights"],
-    )
-
-
 def restore_state() -> dict | None:
     checkpoint = tune.get_checkpoint()
     if checkpoint is None:
@@ -199,7 +186,7 @@ def _search_trial(config: dict, launch: dict, tracking: dict) -> None:
     settings = SearchSettings.from_config(launch, sampled)
     stream = BatchStream(load_images(launch["data"], "train", launch["cache_dir"]), seed, device)
     search = Search(settings, device, seed)
-    evaluator = make_evaluator(launch, device)
+    evaluator = Evaluator.from_config(launch, device)
     history: list = []  # edge weights at every evaluation, for the alpha/beta heatmaps
     state = restore_state()
     elapsed = 0.0
@@ -298,7 +285,7 @@ def _retrain_trial(config: dict, launch: dict, tracking: dict, candidates: list)
     settings = RetrainSettings.from_config(launch)
     retrain = Retrain(settings, genotype_g, d_spec, device, seed)
     stream = BatchStream(load_images(launch["data"], "train", launch["cache_dir"]), seed, device)
-    evaluator = make_evaluator(launch, device)
+    evaluator = Evaluator.from_config(launch, device)
     state = restore_state()
     elapsed, run_id = 0.0, None
     if state is not None:
