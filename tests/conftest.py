@@ -44,3 +44,38 @@ def cifar10_root(cifar10_zip: Path, anas_cache_dir: Path) -> Path:
     ]
     assert len(folders) == 1, f"expected one train/ folder in {extracted}, found {folders}"
     return folders[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# A supernet at the smallest sizes, for tests of derivation, drawings and reports.
+
+
+@pytest.fixture(scope="session")
+def tiny_search():
+    """Return a function that builds a Search of 16 px images, widths 4 and batch 2 from a seed."""
+    from anas.search import Search, SearchSettings
+
+    def build(seed: int = 0) -> Search:
+        settings = SearchSettings(
+            latent_dim=6,
+            g_channels=4,
+            d_channels=4,
+            img_size=16,
+            img_channels=3,
+            batch_size=2,
+            n_critic=1,
+            iterations=4,
+            loss="hinge",
+            arch_lr=3e-4,
+            arch_betas=(0.5, 0.999),
+            arch_weight_decay=1e-3,
+            g_lr=2e-4,
+            d_lr=2e-4,
+            betas=(0.0, 0.9),
+            gumbel=False,
+            tau_max=5.0,
+            tau_min=0.1,
+        )
+        return Search(settings, "cpu", seed)
+
+    return build

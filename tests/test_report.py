@@ -18,7 +18,7 @@ from PIL import Image
 from torchvision.utils import make_grid
 
 from anas.genotypes import load_shipped, save_genotype
-from anas.search import Search, SearchSettings
+from anas.search import Search
 from runner.report import image_key, main
 from runner.stages import LEADERBOARD_COLUMNS
 
@@ -26,30 +26,6 @@ ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = Path("/usr/bin/chromium")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 DATA_URI = "data:image/png;base64,"
-
-
-def tiny_search(seed=0) -> Search:
-    settings = SearchSettings(
-        latent_dim=6,
-        g_channels=4,
-        d_channels=4,
-        img_size=16,
-        img_channels=3,
-        batch_size=2,
-        n_critic=1,
-        iterations=4,
-        loss="hinge",
-        arch_lr=3e-4,
-        arch_betas=(0.5, 0.999),
-        arch_weight_decay=1e-3,
-        g_lr=2e-4,
-        d_lr=2e-4,
-        betas=(0.0, 0.9),
-        gumbel=False,
-        tau_max=5.0,
-        tau_min=0.1,
-    )
-    return Search(settings, "cpu", seed)
 
 
 def sample_grid(search: Search) -> Image.Image:
@@ -77,7 +53,7 @@ CONFIG = {
 PROTOCOL = "fid64_digits-classifier_train_16px"
 
 
-def build_output_dir(folder: Path) -> dict:
+def build_output_dir(folder: Path, search: Search) -> dict:
     """A launch's output folder with a real MLflow SQLite store: one search child run with
     losses, FID, entropies, sample grids and alpha/beta history, two ranked retrain child runs
     and one failed retrain child run."""
@@ -85,7 +61,6 @@ def build_output_dir(folder: Path) -> dict:
     (folder / "config.yaml").write_text(yaml.safe_dump(CONFIG, sort_keys=False))
 
     # Genotypes: a shipped baseline and a searched generator and discriminator pair.
-    search = tiny_search()
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for p in [*search.G.alpha.values(), *search.D.beta.values()]:
@@ -240,9 +215,9 @@ def parse(path: Path) -> ReportParser:
 
 
 @pytest.fixture(scope="module")
-def launch_dir(tmp_path_factory):
+def launch_dir(tmp_path_factory, tiny_search):
     folder = tmp_path_factory.mktemp("launch") / "out"
-    facts = build_output_dir(folder)
+    facts = build_output_dir(folder, tiny_search())
     assert main([str(folder)]) == 0
     return folder, facts
 

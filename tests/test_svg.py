@@ -11,35 +11,14 @@ from PIL import Image
 from anas import svg
 from anas.errors import ConfigError
 from anas.genotypes import load_shipped
-from anas.search import Search, SearchSettings
 from anas.topology import EDGES, NUM_CELLS, candidates
 
 SVG = "{http://www.w3.org/2000/svg}"
 
 
 @pytest.fixture(scope="module")
-def search():
-    settings = SearchSettings(
-        latent_dim=6,
-        g_channels=4,
-        d_channels=4,
-        img_size=16,
-        img_channels=3,
-        batch_size=2,
-        n_critic=1,
-        iterations=4,
-        loss="hinge",
-        arch_lr=3e-4,
-        arch_betas=(0.5, 0.999),
-        arch_weight_decay=1e-3,
-        g_lr=2e-4,
-        d_lr=2e-4,
-        betas=(0.0, 0.9),
-        gumbel=False,
-        tau_max=5.0,
-        tau_min=0.1,
-    )
-    search = Search(settings, "cpu", 0)
+def search(tiny_search):
+    search = tiny_search()
     # Random architecture weights, so the derived discriminator mixes many operations.
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
