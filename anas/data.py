@@ -11,6 +11,7 @@ permutations and can be checkpointed and resumed bit-identically.
 
 import contextlib
 import hashlib
+import importlib.util
 import logging
 import os
 import sys
@@ -419,9 +420,12 @@ def _download(name: str, create: Callable[[str], Any], cache_dir: Path, how_to_g
 
 
 def _locate_digits(root: str | None, cache_dir: Path) -> Path:
-    import sklearn.datasets
-
-    return Path(sklearn.datasets.__file__).parent / "data" / "digits.csv.gz"
+    # find_spec finds the package without importing it: importing scikit-learn takes about a
+    # second, which every trial process would pay only to fingerprint this file.
+    spec = importlib.util.find_spec("sklearn")
+    if spec is None or spec.origin is None:
+        raise ConfigError("data.name: 'digits' needs scikit-learn, which is not installed")
+    return Path(spec.origin).parent / "datasets" / "data" / "digits.csv.gz"
 
 
 def _decode_digits(

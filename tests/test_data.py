@@ -1,5 +1,8 @@
 """Datasets, the decoded-image cache, the batch stream and their input errors."""
 
+import json
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -47,6 +50,20 @@ def test_digits_shapes(tmp_path):
     assert train.name == "digits"
     assert set(train.labels.tolist()) == set(range(10))
     assert int(train.images.max()) == 255
+
+
+def test_digits_cached_without_sklearn(tmp_path):
+    """Reading cached digits in a new process does not import scikit-learn (about 1 s)."""
+    load_images(DIGITS, "train", tmp_path)
+    code = (
+        "import json, sys; from anas.data import load_images; "
+        f"images = load_images(json.loads({json.dumps(json.dumps(DIGITS))}), 'train', "
+        f"{str(tmp_path)!r}); print(len(images.labels), 'sklearn' in sys.modules)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    assert result.stdout.split() == ["1437", "False"]
 
 
 def test_digits_32px(tmp_path):
