@@ -51,5 +51,5 @@ def plain_search(cfg: dict, sampled: dict, seed: int, iterations: int | None = N
 
 
 if __name__ == "__main__":
-    given = json.loads(sys.argv[1])
-    plain_search(given["cfg"], given["sampled"], given["seed"])
+    arguments = json.loads(sys.argv[1])
+    plain_search(arguments["cfg"], arguments["sampled"], arguments["seed"])

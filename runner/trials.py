@@ -70,8 +70,8 @@ def report(metrics: dict, state: Callable[[], dict] | None) -> None:
 
 
 class CheckpointSchedule:
-    """Which of a trial's reports carry a checkpoint: the first, the last, and otherwise one
-    whenever `interval_s` seconds have passed since the previous checkpoint.
+    """Checkpoint timing of a trial's reports: the first and the last carry one, and any other
+    report does once `interval_s` seconds have passed since the previous checkpoint.
 
     Saving and persisting a checkpoint took about 0.1 s per report at the smoke sizes on a
     2-core CPU, so checkpointing every evaluation of a one-minute trial cost 2% of it. A trial
