@@ -15,7 +15,7 @@ import re
 import tempfile
 import types
 import typing
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, is_dataclass
 from datetime import datetime
 from pathlib import Path
@@ -726,7 +726,7 @@ def resumed_config(composed: dict, overrides: Sequence[str]) -> dict:
     ConfigError naming the first key that would change the experiment.
     """
     path = Path(composed["output_dir"]) / "config.yaml"
-    cfg = load_config(path)
+    cfg = load_config(path, defaults=composed)
     keys = override_keys(overrides)
     before_handoff = not (path.parent / HANDOFF_FILE).exists()
     allowed = [*RESUME_KEYS, "retrain.top_k"] if before_handoff else list(RESUME_KEYS)
@@ -771,8 +771,12 @@ def save_config(cfg: dict, path: str | Path) -> None:
         raise
 
 
-def load_config(path: str | Path) -> dict:
-    """Read and validate a config.yaml written by `save_config` (its paths are absolute)."""
+def load_config(path: str | Path, defaults: Mapping[str, Any] | None = None) -> dict:
+    """Read and validate a config.yaml written by `save_config` (its paths are absolute).
+
+    With `defaults` (a composed config), RESUME_KEYS that the file lacks take their values
+    from it, so a launch saved before such a key existed can still be resumed.
+    """
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text())
@@ -780,6 +784,16 @@ def load_config(path: str | Path) -> dict:
         raise ConfigError(f"{path}: config file not found") from None
     except yaml.YAMLError as error:
         raise ConfigError(f"{path}: invalid YAML: {_first_line(error)}") from None
+    if defaults is not None and isinstance(raw, dict):
+        for key in RESUME_KEYS:
+            *parents, name = key.split(".")
+            section, source = raw, defaults
+            for part in parents:
+                section, source = section.get(part), source[part]
+                if not isinstance(section, dict):
+                    break
+            else:
+                section.setdefault(name, source[name])
     try:
         return validate(raw, path.parent)
     except ConfigError as error:

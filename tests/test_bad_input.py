@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
@@ -411,6 +412,17 @@ def test_resume_keeps_saved_values(tmp_path, saved_launch):
     cfg = resume_with(tmp_path)
     assert cfg["tune"]["max_failures"] == 2
     assert cfg["resume"] is True
+
+
+def test_resume_fills_key_added_later(tmp_path, saved_launch):
+    """A config saved before tune.checkpoint_interval_s existed resumes with the default."""
+    path = tmp_path / "run" / "config.yaml"
+    saved = yaml.safe_load(path.read_text())
+    del saved["tune"]["checkpoint_interval_s"]
+    path.write_text(yaml.safe_dump(saved, sort_keys=False))
+    cfg = resume_with(tmp_path)
+    assert cfg["tune"]["checkpoint_interval_s"] == saved_launch["tune"]["checkpoint_interval_s"]
+    assert cfg["tune"]["max_failures"] == 2
 
 
 def test_resume_applies_retry_override(tmp_path, saved_launch):
