@@ -79,3 +79,17 @@ def tiny_search():
         return Search(settings, "cpu", seed)
 
     return build
+
+
+@pytest.fixture(scope="module")
+def mixed_search(tiny_search):
+    """Return a tiny Search with random architecture weights, so that its derived cells, the
+    discriminator's above all, mix many operations."""
+    import torch
+
+    search = tiny_search()
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in [*search.G.alpha.values(), *search.D.beta.values()]:
+            p.copy_(3 * torch.randn(p.shape, generator=generator))
+    return search
