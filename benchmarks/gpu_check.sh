@@ -10,6 +10,7 @@
 #
 # Figures and logs go to OUTPUT_FOLDER ($OUT, else gpu-check/). It uses .venv/bin/python when
 # it exists, else python3, and stops with status 2 when torch finds no CUDA device.
+# NOTE: written without a GPU machine, so this script has only run its no-CUDA exit path.
 set -euo pipefail
 
 out="${1:-${OUT:-gpu-check}}"
